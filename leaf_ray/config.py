@@ -1,0 +1,163 @@
+"""Configuration: one pydantic model per stage, and a pipeline model that holds them.
+
+Every model forbids unknown keys, so a typo in a YAML file is an error that names the
+field and the file instead of a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class StageConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ResourcesConfig(StageConfig):
+    """Ray resources of one actor / worker / replica."""
+
+    num_cpus: float = Field(1.0, gt=0, description="CPUs per actor; always set, Ray pins OMP threads to it.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per actor; > 1 with device_map='auto' splits a teacher.")
+
+
+class ScoringConfig(StageConfig):
+    """Stage 1a: gradient sensitivity of teacher and student."""
+
+    teacher: str = Field(..., description="Teacher model: a local Hugging Face model directory.")
+    student: str = Field(..., description="Student model: a local Hugging Face model directory.")
+    corpus: str = Field(..., description="Corpus file (JSONL, JSON array, Parquet) or a folder of them.")
+    output_dir: str = Field("runs/scores", description="Where scores/, counterfactuals/, errors/ go.")
+    level: Literal["instruction", "response"] = Field(
+        "instruction", description="Score the instruction (prompt), or a prefix of the reasoning.")
+    max_length: int = Field(2048, gt=0, description="Records longer than this (tokens) go to errors/.")
+    max_tokens_per_batch: int = Field(8192, gt=0, description="Padded tokens per forward+backward.")
+    padding_side: Literal["left", "right"] = "right"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = Field("auto", description="'auto' picks cuda when available, else cpu.")
+    device_map: str | None = Field(None, description="'auto' to spread a big teacher over an actor's GPUs.")
+    unit_pattern: str = Field(r"\s+|\w+|[^\w\s]+", description="Regex for the character units scores are compared on.")
+    response_split: Literal["line", "sentence", "segments"] = Field(
+        "line", description="Response-level: how the response is cut into steps.")
+    num_segments: int = Field(4, ge=2, description="Response-level, split 'segments': number of equal pieces.")
+    prefix_fraction: float = Field(0.5, gt=0, lt=1, description="Response-level: share of steps used as prefix.")
+    num_actors: int = Field(1, ge=1, description="Ray Data actor pool size.")
+    batch_size: int = Field(64, ge=1, description="Records per Ray Data batch handed to an actor.")
+    resources: ResourcesConfig = ResourcesConfig()
+
+
+class PruningConfig(StageConfig):
+    """Stage 1b: which units are confounders, and the counterfactuals cut from them."""
+
+    threshold: Literal["quantile", "absolute"] = Field(
+        "quantile", description="'quantile': per-sample q-quantile of diff, capped (official code); "
+                                "'absolute': diff <= tau (paper).")
+    quantile: float = Field(0.10, ge=0, lt=1, description="q for the quantile rule.")
+    quantile_cap: float = Field(0.5, ge=0, le=1, description="Upper cap on the quantile threshold.")
+    tau: float = Field(0.10, ge=0, le=1, description="Threshold for the absolute rule.")
+    mode: Literal["span", "collective"] = Field(
+        "span", description="'span': one counterfactual per contiguous span; 'collective': all spans at once.")
+    max_spans: int | None = Field(None, ge=1, description="Keep at most this many spans per record (lowest diff first).")
+
+
+class DistillationConfig(StageConfig):
+    """Stage 2: causal attention distillation."""
+
+    teacher: str
+    student: str
+    data_dir: str = Field(..., description="Output folder of the scoring job (originals + counterfactuals).")
+    output_dir: str = "runs/distill"
+    variant: Literal["kd", "kd_compute_matched", "leaf", "leaf_instr_resp", "random", "oracle"] = "leaf"
+    mode: Literal["hybrid", "mixed"] = Field(
+        "hybrid", description="'hybrid': lam*L(orig)+(1-lam)*L(cf) per pair; 'mixed': one shuffled pool (official).")
+    lam: float = Field(0.5, ge=0, le=1, description="Weight of the original-prompt KL; 1.0 is plain KD.")
+    loss: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
+    jsd_beta: float = Field(0.5, gt=0, lt=1)
+    temperature: float = Field(1.0, gt=0)
+    loss_chunk_tokens: int = Field(1024, gt=0, description="Response positions per loss chunk.")
+    learning_rate: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    max_steps: int = Field(1000, gt=0)
+    batch_size: int = Field(64, gt=0, description="Pairs per optimizer step, over all workers.")
+    grad_accum: int = Field(1, ge=1)
+    max_grad_norm: float = Field(1.0, gt=0)
+    checkpoint_every: int = Field(200, gt=0)
+    eval_every: int = Field(250, gt=0)
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    max_failures: int = Field(2, ge=0)
+    seed: int = 0
+    resources: ResourcesConfig = ResourcesConfig()
+
+
+class ServingConfig(StageConfig):
+    """Serve the student over an OpenAI-compatible API."""
+
+    model: str = Field(..., description="Model directory to serve.")
+    model_id: str = Field("leaf-student", description="Name clients use in the 'model' field.")
+    max_model_len: int = Field(512, gt=0)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    target_ongoing_requests: int = Field(16, ge=1)
+    gpu_memory_utilization: float = Field(0.2, gt=0, le=1)
+    api_key_env: str | None = Field(None, description="Env var holding the bearer token; unset means no auth.")
+    port: int = Field(8000, gt=0, lt=65536)
+
+    @model_validator(mode="after")
+    def _replicas_ordered(self) -> ServingConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) > max_replicas ({self.max_replicas})")
+        return self
+
+
+class EvaluationConfig(StageConfig):
+    """Greedy answer accuracy on held-out files."""
+
+    model: str
+    data: list[str] = Field(..., min_length=1, description="JSONL test files in the corpus schema, with 'answer'.")
+    checker: Literal["exact", "number", "embedded"] = "embedded"
+    max_new_tokens: int = Field(16, gt=0)
+    batch_size: int = Field(64, gt=0)
+
+
+class PipelineConfig(StageConfig):
+    """The whole run: each stage's settings and where the run lives."""
+
+    name: str = Field("leaf", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    run_dir: str = "runs/leaf"
+    scoring: ScoringConfig
+    pruning: PruningConfig = PruningConfig()
+    distillation: DistillationConfig | None = None
+    serving: ServingConfig | None = None
+    evaluation: EvaluationConfig | None = None
+
+
+class ConfigError(ValueError):
+    """A config file that does not validate; the message names the file and each bad field."""
+
+
+ConfigT = TypeVar("ConfigT", bound=BaseModel)
+
+
+def load_config(path: str | Path, model: type[ConfigT]) -> ConfigT:
+    """Read YAML at ``path`` into ``model``, with errors that name the file and the field."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    try:
+        return model.model_validate(raw if raw is not None else {})
+    except ValidationError as exc:
+        problems = "\n".join(
+            f"  {'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(f"{path}: invalid {model.__name__}:\n{problems}") from None

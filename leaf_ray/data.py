@@ -1,0 +1,266 @@
+"""Corpus records, readers, and chat-template rendering with character offsets.
+
+Every stage speaks one record schema (:class:`Record`). Readers never stop at a bad
+record when asked to collect errors: the job writes it to ``errors/`` and goes on.
+
+Rendering locates the instruction and the response inside the chat-templated text by
+*character offsets*, then maps tokens onto them with the tokenizer's offset mapping.
+It never counts special tokens or assumes token positions, so it works for any
+chat template and any fast tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+
+SUPPORTED_SUFFIXES = (".jsonl", ".json", ".parquet")
+
+
+class RecordError(ValueError):
+    """A record that cannot be used, with where it came from and why."""
+
+    def __init__(self, reason: str, *, record_id: str | None = None, line: int | None = None,
+                 source: str | None = None):
+        self.reason = reason
+        self.record_id = record_id
+        self.line = line
+        self.source = source
+        where = ", ".join(
+            part for part in (
+                f"id={record_id!r}" if record_id is not None else "",
+                f"line {line}" if line is not None else "",
+                source or "",
+            ) if part
+        )
+        super().__init__(f"{reason} ({where})" if where else reason)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.record_id, "line": self.line, "source": self.source, "reason": self.reason}
+
+
+@dataclass(frozen=True)
+class Record:
+    """One training sample: an instruction (prompt) and the response to learn."""
+
+    id: str
+    instruction: str
+    response: str
+    answer: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "instruction": self.instruction, "response": self.response,
+                "answer": self.answer, "meta": self.meta}
+
+
+def parse_record(obj: Any, *, line: int | None = None, source: str | None = None) -> Record:
+    """Validate one decoded JSON object (or Parquet row) into a :class:`Record`."""
+    if not isinstance(obj, dict):
+        raise RecordError(f"record must be a JSON object, got {type(obj).__name__}", line=line, source=source)
+    raw_id = obj.get("id")
+    if raw_id is None or (isinstance(raw_id, str) and not raw_id.strip()):
+        raise RecordError("missing field 'id'", line=line, source=source)
+    if not isinstance(raw_id, (str, int)) or isinstance(raw_id, bool):
+        raise RecordError(f"field 'id' must be a string or integer, got {type(raw_id).__name__}",
+                          line=line, source=source)
+    record_id = str(raw_id)
+
+    def text_field(name: str) -> str:
+        value = obj.get(name)
+        if value is None:
+            raise RecordError(f"missing field {name!r}", record_id=record_id, line=line, source=source)
+        if not isinstance(value, str):
+            raise RecordError(f"field {name!r} must be a string, got {type(value).__name__}",
+                              record_id=record_id, line=line, source=source)
+        if not value.strip():
+            raise RecordError(f"field {name!r} is empty", record_id=record_id, line=line, source=source)
+        return value
+
+    instruction = text_field("instruction")
+    response = text_field("response")
+    answer = obj.get("answer")
+    if answer is not None and not isinstance(answer, (str, int, float)):
+        raise RecordError(f"field 'answer' must be a string or number, got {type(answer).__name__}",
+                          record_id=record_id, line=line, source=source)
+    meta = obj.get("meta") or {}
+    if not isinstance(meta, dict):
+        raise RecordError(f"field 'meta' must be an object, got {type(meta).__name__}",
+                          record_id=record_id, line=line, source=source)
+    unknown = set(obj) - {"id", "instruction", "response", "answer", "meta"}
+    if unknown:
+        # Extra columns are kept, not rejected: real corpora carry provenance fields.
+        meta = {**meta, **{key: obj[key] for key in sorted(unknown)}}
+    return Record(record_id, instruction, response, None if answer is None else str(answer), meta)
+
+
+def corpus_files(path: str | Path) -> list[Path]:
+    """The corpus files at ``path``: the file itself, or every supported file in a folder (sorted)."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in SUPPORTED_SUFFIXES)
+        if not files:
+            raise FileNotFoundError(f"no {'/'.join(SUPPORTED_SUFFIXES)} files under {path}")
+        return files
+    if not path.exists():
+        raise FileNotFoundError(f"corpus not found: {path}")
+    if path.suffix not in SUPPORTED_SUFFIXES:
+        raise ValueError(f"unsupported corpus format {path.suffix!r} for {path}; use {SUPPORTED_SUFFIXES}")
+    return [path]
+
+
+def _raw_rows(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line or row number, decoded object); a row that does not decode yields its RecordError."""
+    source = str(path)
+    if path.suffix == ".jsonl":
+        with path.open("rb") as handle:
+            for line_no, raw in enumerate(handle, start=1):
+                if not raw.strip():
+                    continue
+                try:
+                    yield line_no, json.loads(raw.decode("utf-8"))
+                except UnicodeDecodeError as exc:
+                    yield line_no, RecordError(f"line is not valid UTF-8: {exc.reason} at byte {exc.start}",
+                                               line=line_no, source=source)
+                except json.JSONDecodeError as exc:
+                    yield line_no, RecordError(f"malformed JSON: {exc.msg} at column {exc.colno}",
+                                               line=line_no, source=source)
+    elif path.suffix == ".json":
+        try:
+            rows = json.loads(path.read_bytes().decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            # A broken JSON array cannot be split into rows: the whole file is one error.
+            yield 0, RecordError(f"file is not a valid UTF-8 JSON array: {exc}", source=source)
+            return
+        if not isinstance(rows, list):
+            yield 0, RecordError("a .json corpus must hold a JSON array of records", source=source)
+            return
+        yield from enumerate(rows, start=1)
+    else:
+        for row_no, row in enumerate(pq.read_table(path).to_pylist(), start=1):
+            yield row_no, row
+
+
+def iter_records(path: str | Path, errors: list[RecordError] | None = None) -> Iterator[Record]:
+    """Yield the valid records of a corpus file or folder, in file order.
+
+    With ``errors=None`` the first bad record raises :class:`RecordError`; with a list,
+    bad records are appended to it and reading goes on. Duplicate ids are errors too.
+    """
+    seen: set[str] = set()
+    for path_ in corpus_files(path):
+        for line_no, obj in _raw_rows(path_):
+            try:
+                if isinstance(obj, RecordError):
+                    raise obj
+                record = parse_record(obj, line=line_no, source=str(path_))
+                if record.id in seen:
+                    raise RecordError("duplicate id", record_id=record.id, line=line_no, source=str(path_))
+                seen.add(record.id)
+            except RecordError as exc:
+                if errors is None:
+                    raise
+                errors.append(exc)
+                continue
+            yield record
+
+
+def write_jsonl(path: str | Path, rows: list[dict[str, Any]]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+# --------------------------------------------------------------------------- rendering
+
+# Placeholders that no chat template rewrites: no whitespace to trim, no markup.
+_INSTRUCTION_SENTINEL = "LEAFRAYINSTRUCTIONSENTINEL"
+_RESPONSE_SENTINEL = "LEAFRAYRESPONSESENTINEL"
+
+
+@dataclass(frozen=True)
+class RenderedSample:
+    """A chat-templated (instruction, response) pair with character spans and tokens.
+
+    ``instruction_span`` / ``response_span`` are ``(start, end)`` character offsets into
+    ``text``. ``instruction_shift`` / ``response_shift`` map an offset inside the rendered
+    part back to the original string (templates may trim leading whitespace).
+    """
+
+    text: str
+    instruction_span: tuple[int, int]
+    response_span: tuple[int, int]
+    instruction_shift: int
+    response_shift: int
+    input_ids: list[int]
+    offsets: list[tuple[int, int]]
+
+    def token_indices(self, span: tuple[int, int]) -> list[int]:
+        """Indices of tokens whose characters overlap ``span``."""
+        start, end = span
+        return [i for i, (a, b) in enumerate(self.offsets) if a < end and b > start and b > a]
+
+
+def _render(tokenizer, instruction: str, response: str | None) -> str:
+    messages = [{"role": "user", "content": instruction}]
+    if response is None:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    messages.append({"role": "assistant", "content": response})
+    return tokenizer.apply_chat_template(messages, tokenize=False)
+
+
+def render_prompt(tokenizer, instruction: str) -> str:
+    """The generation prompt for ``instruction``: what a server or ``generate`` sees."""
+    return _render(tokenizer, instruction, None)
+
+
+def _views(content: str) -> tuple[tuple[str, int], ...]:
+    """The ways a template may show ``content``: as is, or trimmed (with the leading cut)."""
+    return ((content, 0), (content.strip(), len(content) - len(content.lstrip())))
+
+
+def render_sample(tokenizer, instruction: str, response: str) -> RenderedSample:
+    """Render through the tokenizer's chat template and locate both parts by character offsets.
+
+    The template is rendered once with sentinels in place of the contents, which splits it
+    into the fixed markup around them; the real rendering must then be exactly
+    ``markup + instruction + markup + response + markup``, with the contents possibly
+    trimmed (Llama 3's template trims). Anything else is a template we cannot align, and
+    we say so rather than guess.
+    """
+    if not getattr(tokenizer, "is_fast", False):
+        raise TypeError("a fast tokenizer (tokenizers-backed) is required for offset mapping")
+    skeleton = _render(tokenizer, _INSTRUCTION_SENTINEL, _RESPONSE_SENTINEL)
+    i_at = skeleton.find(_INSTRUCTION_SENTINEL)
+    r_at = skeleton.find(_RESPONSE_SENTINEL)
+    if i_at < 0 or r_at < i_at:
+        raise ValueError("chat template does not place the user message before the assistant message")
+    head = skeleton[:i_at]
+    middle = skeleton[i_at + len(_INSTRUCTION_SENTINEL):r_at]
+    tail = skeleton[r_at + len(_RESPONSE_SENTINEL):]
+
+    text = _render(tokenizer, instruction, response)
+    for instr_view, i_shift in _views(instruction):
+        for resp_view, r_shift in _views(response):
+            if text == head + instr_view + middle + resp_view + tail:
+                i_start = len(head)
+                r_start = i_start + len(instr_view) + len(middle)
+                encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+                return RenderedSample(
+                    text=text,
+                    instruction_span=(i_start, i_start + len(instr_view)),
+                    response_span=(r_start, r_start + len(resp_view)),
+                    instruction_shift=i_shift,
+                    response_shift=r_shift,
+                    input_ids=list(encoded["input_ids"]),
+                    offsets=[tuple(o) for o in encoded["offset_mapping"]],
+                )
+    raise ValueError("chat template rewrites message contents beyond trimming whitespace; "
+                     "cannot locate instruction and response by character offsets")

@@ -1,0 +1,158 @@
+"""Confounder detection for whole records: render, score teacher and student, compare.
+
+This is the unit of work a scoring actor runs on a batch of records. It is plain
+PyTorch; the Ray Data job only hands it batches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from leaf_ray.config import ScoringConfig
+from leaf_ray.data import Record, RecordError, render_sample
+from leaf_ray.pruning import response_prefix
+from leaf_ray.scoring import (
+    ScoringItem,
+    UnitScores,
+    compare_unit_scores,
+    prepare_for_scoring,
+    project_to_units,
+    split_units,
+    token_sensitivity,
+)
+
+
+@dataclass
+class ScoredRecord:
+    record: Record
+    scores: UnitScores
+    level: str
+    text_offset: int  # where the scored text starts in the instruction / response
+
+
+@dataclass
+class _Prepared:
+    record: Record
+    text: str
+    text_offset: int
+    items: tuple[ScoringItem, ScoringItem]  # teacher, student
+    origins: tuple[int, int]  # rendered offset of the scored text's first character, per model
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load_model(path: str | Path, dtype: str = "float32", device: str = "auto", device_map: str | None = None):
+    """A causal LM and its tokenizer from a local directory, ready for gradient scoring."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    kwargs = {"dtype": getattr(torch, dtype)}
+    if device_map:
+        kwargs["device_map"] = device_map
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if not device_map:
+        model.to(resolve_device(device))
+    return prepare_for_scoring(model), tokenizer
+
+
+class PairScorer:
+    """Scores records with a teacher and a student; one forward+backward per model per batch."""
+
+    def __init__(self, teacher, teacher_tokenizer, student, student_tokenizer, config: ScoringConfig):
+        self.models = (prepare_for_scoring(teacher), prepare_for_scoring(student))
+        self.tokenizers = (teacher_tokenizer, student_tokenizer)
+        self.config = config
+
+    @classmethod
+    def from_config(cls, config: ScoringConfig) -> PairScorer:
+        teacher, t_tok = load_model(config.teacher, config.dtype, config.device, config.device_map)
+        student, s_tok = load_model(config.student, config.dtype, config.device)
+        return cls(teacher, t_tok, student, s_tok, config)
+
+    def _prepare(self, record: Record) -> _Prepared:
+        cfg = self.config
+        if cfg.level == "instruction":
+            text, offset, context, target = record.instruction, 0, None, None
+        else:
+            split = response_prefix(record.response, cfg.response_split, cfg.num_segments, cfg.prefix_fraction)
+            if split is None:
+                raise RecordError("response has a single step; nothing to score in response-level mode",
+                                  record_id=record.id)
+            (p0, p1), (s0, s1) = split
+            text, offset, context, target = record.response[p0:p1], p0, (p0, p1), (s0, s1)
+        items, origins = [], []
+        for tokenizer in self.tokenizers:
+            try:
+                rendered = render_sample(tokenizer, record.instruction, record.response)
+            except Exception as exc:  # tokenizer / template failures are per-record errors
+                raise RecordError(f"tokenizer failure: {exc}", record_id=record.id) from exc
+            if len(rendered.input_ids) > cfg.max_length:
+                raise RecordError(f"too long: {len(rendered.input_ids)} tokens > max_length {cfg.max_length}",
+                                  record_id=record.id)
+            if context is None:
+                item = ScoringItem.instruction_level(rendered)
+                origin = rendered.instruction_span[0] - rendered.instruction_shift
+            else:
+                origin = rendered.response_span[0] - rendered.response_shift
+                lo, hi = rendered.response_span
+                item = ScoringItem(rendered.input_ids, rendered.offsets,
+                                   (max(lo, origin + context[0]), min(hi, origin + context[1])),
+                                   (max(lo, origin + target[0]), min(hi, origin + target[1])))
+            if not item.context_tokens or not [i for i in item.target_tokens if i > 0]:
+                raise RecordError("nothing to score: empty context or target after tokenization",
+                                  record_id=record.id)
+            items.append(item)
+            origins.append(origin + offset)
+        return _Prepared(record, text, offset, (items[0], items[1]), (origins[0], origins[1]))
+
+    def _batches(self, prepared: list[_Prepared], model_index: int) -> list[list[int]]:
+        """Indices grouped by similar length so that padding stays small."""
+        lengths = [len(p.items[model_index].input_ids) for p in prepared]
+        order = sorted(range(len(prepared)), key=lambda i: lengths[i])
+        batches, current, width = [], [], 0
+        for i in order:
+            new_width = max(width, lengths[i])
+            if current and new_width * (len(current) + 1) > self.config.max_tokens_per_batch:
+                batches.append(current)
+                current, new_width = [], lengths[i]
+            current.append(i)
+            width = new_width
+        if current:
+            batches.append(current)
+        return batches
+
+    def score(self, records: Sequence[Record]) -> tuple[list[ScoredRecord], list[RecordError]]:
+        """Score a batch of records; records that cannot be scored come back as errors."""
+        prepared, errors = [], []
+        for record in records:
+            try:
+                prepared.append(self._prepare(record))
+            except RecordError as exc:
+                errors.append(exc)
+        raw: list[list[np.ndarray | None]] = [[None] * len(prepared) for _ in self.models]
+        for m, model in enumerate(self.models):
+            for batch in self._batches(prepared, m):
+                norms = token_sensitivity(model, [prepared[i].items[m] for i in batch], self.config.padding_side)
+                for i, n in zip(batch, norms):
+                    raw[m][i] = n
+        scored = []
+        for i, p in enumerate(prepared):
+            units = split_units(p.text, self.config.unit_pattern)
+            per_model = []
+            for m in range(2):
+                item = p.items[m]
+                spans = [(item.offsets[t][0] - p.origins[m], item.offsets[t][1] - p.origins[m])
+                         for t in item.context_tokens]
+                per_model.append(project_to_units(units, spans, raw[m][i], p.text))
+            scores = compare_unit_scores(p.text, units, per_model[0], per_model[1])
+            scored.append(ScoredRecord(p.record, scores, self.config.level, p.text_offset))
+        return scored, errors

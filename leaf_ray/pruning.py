@@ -1,0 +1,166 @@
+"""Confounder thresholds, span pruning and counterfactual records.
+
+Input is a sample's :class:`~leaf_ray.scoring.UnitScores` (per-unit LeaF diff over the
+scored text). Units with a low diff are confounders; contiguous confounders form spans;
+each span, cut from the text, gives one counterfactual. Text outside a cut is kept byte
+for byte, so a counterfactual is always ``text[:start] + text[end:]``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from leaf_ray.config import PruningConfig
+from leaf_ray.data import Record
+from leaf_ray.scoring import Unit, UnitScores
+
+
+def threshold_value(diff: np.ndarray, config: PruningConfig) -> float:
+    """The diff value at or below which a unit is a confounder.
+
+    The quantile rule takes the official code's order statistic ``sorted(diff)[floor(n*q)]``
+    (not an interpolated quantile), capped at ``quantile_cap``.
+    """
+    if config.threshold == "absolute":
+        return config.tau
+    ordered = np.sort(diff)
+    return float(min(ordered[int(len(ordered) * config.quantile)], config.quantile_cap))
+
+
+def confounder_mask(scores: UnitScores, config: PruningConfig) -> tuple[np.ndarray, float]:
+    """Per unit, whether it is a confounder; and the threshold used.
+
+    Whitespace units are never confounders. A diff with no spread (one unit, or all
+    equal) carries no signal, so nothing is masked.
+    """
+    scored = scores.scored
+    mask = np.zeros(len(scores.units), dtype=bool)
+    values = scores.diff[scored]
+    if values.size == 0 or not values.max() > values.min():
+        return mask, math.nan
+    thr = threshold_value(values, config)
+    mask[scored] = values <= thr
+    return mask, thr
+
+
+@dataclass(frozen=True)
+class Span:
+    """A cut: ``text[start:end]`` is removed. ``units`` are the masked units it covers."""
+
+    start: int
+    end: int
+    units: tuple[int, ...]
+    min_diff: float
+
+
+def _cut_range(text: str, start: int, end: int) -> tuple[int, int]:
+    """Widen a cut over one neighbouring run of spaces so no double space is left behind
+    (newlines are kept: they carry structure)."""
+    def is_gap(s: str) -> bool:
+        return bool(s) and not s.strip() and "\n" not in s
+
+    after = re.match(r"\s+", text[end:])
+    before = re.search(r"\s+$", text[:start])
+    if after and is_gap(after.group()) and (start == 0 or before):
+        return start, end + after.end()
+    if before and is_gap(before.group()) and (end == len(text) or after):
+        return before.start(), end
+    return start, end
+
+
+def find_spans(scores: UnitScores, mask: np.ndarray) -> list[Span]:
+    """Group masked units into spans; whitespace between two masked units joins them."""
+    spans: list[Span] = []
+    run: list[int] = []
+
+    def close() -> None:
+        if run:
+            first, last = scores.units[run[0]], scores.units[run[-1]]
+            start, end = _cut_range(scores.text, first.start, last.end)
+            spans.append(Span(start, end, tuple(run), float(np.min(scores.diff[run]))))
+            run.clear()
+
+    for i, unit in enumerate(scores.units):
+        if mask[i]:
+            run.append(i)
+        elif not unit.is_space:
+            close()
+    close()
+    return spans
+
+
+def cut(text: str, spans: list[Span]) -> str:
+    """``text`` with every span removed; everything else is kept as is."""
+    pieces, pos = [], 0
+    for span in sorted(spans, key=lambda s: s.start):
+        pieces.append(text[pos:span.start])
+        pos = span.end
+    pieces.append(text[pos:])
+    return "".join(pieces)
+
+
+def counterfactuals(record: Record, scores: UnitScores, config: PruningConfig, *,
+                    level: str = "instruction", text_offset: int = 0) -> list[dict[str, Any]]:
+    """Counterfactual records (corpus schema + provenance) for one scored record.
+
+    ``scores.text`` is the scored text: the instruction, or in response-level mode the
+    reasoning prefix, which starts at ``text_offset`` in the response.
+    """
+    mask, thr = confounder_mask(scores, config)
+    spans = find_spans(scores, mask)
+    if config.max_spans is not None:
+        spans = sorted(sorted(spans, key=lambda s: s.min_diff)[:config.max_spans], key=lambda s: s.start)
+    groups = [[s] for s in spans] if config.mode == "span" else ([spans] if spans else [])
+    source = record.instruction if level == "instruction" else record.response
+    out = []
+    for index, group in enumerate(groups):
+        shifted = [Span(s.start + text_offset, s.end + text_offset, s.units, s.min_diff) for s in group]
+        new_text = cut(source, shifted)
+        instruction, response = (new_text, record.response) if level == "instruction" else (record.instruction, new_text)
+        out.append({
+            "id": f"{record.id}#cf{index}",
+            "instruction": instruction,
+            "response": response,
+            "answer": record.answer,
+            "meta": record.meta,
+            "source_id": record.id,
+            "span_index": index,
+            "level": level,
+            "removed_text": [source[s.start:s.end] for s in shifted],
+            "char_ranges": [[s.start, s.end] for s in shifted],
+            "threshold": thr,
+        })
+    return out
+
+
+# --------------------------------------------------------------------------- response level
+
+def split_steps(response: str, how: str, num_segments: int = 4) -> list[tuple[int, int]]:
+    """Character ranges of the reasoning steps; together they cover the response."""
+    if how == "line":
+        bounds = [m.end() for m in re.finditer(r"\n", response)]
+    elif how == "sentence":
+        bounds = [m.end() for m in re.finditer(r"(?<=[.!?])\s+", response)]
+    elif how == "segments":
+        units = [m.end() for m in re.finditer(r"\S+", response)]
+        size = max(1, math.ceil(len(units) / num_segments))
+        bounds = [units[i - 1] for i in range(size, len(units), size)]
+    else:
+        raise ValueError(f"unknown response split {how!r}; use line, sentence or segments")
+    edges = [0] + [b for b in bounds if 0 < b < len(response)] + [len(response)]
+    return [(a, b) for a, b in zip(edges, edges[1:]) if response[a:b].strip()]
+
+
+def response_prefix(response: str, how: str, num_segments: int, prefix_fraction: float
+                    ) -> tuple[tuple[int, int], tuple[int, int]] | None:
+    """(prefix range, next-step range) in the response, or None when it has a single step."""
+    steps = split_steps(response, how, num_segments)
+    if len(steps) < 2:
+        return None
+    k = min(max(1, round(prefix_fraction * len(steps))), len(steps) - 1)
+    return (0, steps[k - 1][1]), steps[k]

@@ -1,0 +1,217 @@
+"""Gradient sensitivity of the response loss w.r.t. input embeddings, batched.
+
+For each sample, the loss is the mean next-token NLL over its *target* tokens (the
+response, or the next reasoning step in response-level mode). The sensitivity of a
+*context* token (the instruction, or the reasoning prefix) is the L2 norm over the hidden
+dimension of d(loss)/d(embedding). One forward and one backward per padded batch: the
+batch loss is the *sum* of per-sample mean losses, so each sample's gradient is exactly
+its own loss's gradient (attention never crosses samples).
+
+Token scores are then projected onto character *units* of the scored text (words,
+punctuation runs, whitespace runs), so a teacher and a student with different tokenizers
+are compared on the same pieces of text.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from leaf_ray.data import RenderedSample
+
+# Words, punctuation runs and whitespace runs: the pieces that both tokenizers' scores
+# are projected onto, and that pruning keeps or cuts whole.
+DEFAULT_UNIT_PATTERN = r"\s+|\w+|[^\w\s]+"
+
+
+@dataclass(frozen=True)
+class Unit:
+    """A piece of the scored text: ``text[start:end]``."""
+
+    start: int
+    end: int
+    text: str
+
+    @property
+    def is_space(self) -> bool:
+        return not self.text.strip()
+
+
+def split_units(text: str, pattern: str = DEFAULT_UNIT_PATTERN) -> list[Unit]:
+    """Cover ``text`` with units; any character the pattern misses becomes its own unit."""
+    units: list[Unit] = []
+    pos = 0
+    for match in re.finditer(pattern, text):
+        if match.start() > pos:
+            units.append(Unit(pos, match.start(), text[pos:match.start()]))
+        if match.end() > match.start():
+            units.append(Unit(match.start(), match.end(), match.group()))
+        pos = max(pos, match.end())
+    if pos < len(text):
+        units.append(Unit(pos, len(text), text[pos:]))
+    return units
+
+
+@dataclass(frozen=True)
+class ScoringItem:
+    """What the scorer needs of one sample: tokens, their character offsets into the
+    rendered text, the context span to score and the target span whose loss is taken."""
+
+    input_ids: Sequence[int]
+    offsets: Sequence[tuple[int, int]]
+    context_span: tuple[int, int]
+    target_span: tuple[int, int]
+
+    @classmethod
+    def instruction_level(cls, rendered: RenderedSample) -> ScoringItem:
+        return cls(rendered.input_ids, rendered.offsets, rendered.instruction_span, rendered.response_span)
+
+    def token_indices(self, span: tuple[int, int]) -> list[int]:
+        start, end = span
+        return [i for i, (a, b) in enumerate(self.offsets) if a < end and b > start and b > a]
+
+    @property
+    def context_tokens(self) -> list[int]:
+        return self.token_indices(self.context_span)
+
+    @property
+    def target_tokens(self) -> list[int]:
+        return self.token_indices(self.target_span)
+
+
+def prepare_for_scoring(model: torch.nn.Module) -> torch.nn.Module:
+    """Eval mode, no parameter grads: only the input embeddings need a gradient."""
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def collate(items: Sequence[ScoringItem], padding_side: str = "right",
+            pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """Pad a batch; ``target_mask[b, t]`` marks tokens whose prediction is in the loss."""
+    width = max(len(item.input_ids) for item in items)
+    batch = len(items)
+    input_ids = torch.full((batch, width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((batch, width), dtype=torch.long)
+    target_mask = torch.zeros((batch, width), dtype=torch.bool)
+    for b, item in enumerate(items):
+        n = len(item.input_ids)
+        offset = width - n if padding_side == "left" else 0
+        input_ids[b, offset:offset + n] = torch.tensor(list(item.input_ids), dtype=torch.long)
+        attention_mask[b, offset:offset + n] = 1
+        targets = [offset + i for i in item.target_tokens if i > 0]  # token 0 has no predecessor
+        if not targets:
+            raise ValueError("sample has no target tokens to take the loss on")
+        target_mask[b, targets] = True
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "target_mask": target_mask,
+            "offsets": torch.tensor([width - len(i.input_ids) if padding_side == "left" else 0 for i in items])}
+
+
+def embedding_grad_norms(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``[B, T]`` L2 norms of d(sample loss)/d(input embedding), one forward+backward.
+
+    Position ids are passed explicitly so left-padded rows see the same positions as
+    unpadded ones.
+    """
+    device = next(model.parameters()).device
+    input_ids = batch["input_ids"].to(device)
+    attention_mask = batch["attention_mask"].to(device)
+    target_mask = batch["target_mask"].to(device)
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+    embeds = model.get_input_embeddings()(input_ids).detach().requires_grad_(True)
+    with torch.enable_grad():
+        logits = model(inputs_embeds=embeds, attention_mask=attention_mask,
+                       position_ids=position_ids, use_cache=False).logits
+        # Position t-1 predicts token t: shift targets left by one.
+        predicting = target_mask[:, 1:]
+        log_probs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+        nll = -log_probs.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+        # where(), not multiply: padded rows may hold non-finite values.
+        per_token = torch.where(predicting, nll, torch.zeros_like(nll))
+        per_sample = per_token.sum(-1) / predicting.sum(-1)
+        (grads,) = torch.autograd.grad(per_sample.sum(), embeds)
+    return grads.float().norm(dim=-1).detach().cpu()
+
+
+def token_sensitivity(model: torch.nn.Module, items: Sequence[ScoringItem],
+                      padding_side: str = "right") -> list[np.ndarray]:
+    """Per item, the gradient norm of each context token (in ``item.context_tokens`` order)."""
+    batch = collate(items, padding_side)
+    norms = embedding_grad_norms(model, batch)
+    out = []
+    for b, item in enumerate(items):
+        offset = int(batch["offsets"][b])
+        out.append(norms[b, [offset + i for i in item.context_tokens]].numpy().astype(np.float64))
+    return out
+
+
+def project_to_units(units: Sequence[Unit], token_spans: Sequence[tuple[int, int]],
+                     token_norms: Sequence[float], text: str) -> np.ndarray:
+    """Unit scores from token scores: the L2 norm of the gradient mass falling on each unit.
+
+    A token's squared norm is shared among the units it overlaps in proportion to the
+    characters it covers in each, counting only non-whitespace characters when it has
+    any (a byte-level BPE token like " ann" belongs to the word, not to the space).
+    With one token per unit this is the token's own norm.
+    """
+    mass = np.zeros(len(units))
+    starts = np.array([u.start for u in units])
+    for (a, b), norm in zip(token_spans, token_norms):
+        a, b = max(a, 0), min(b, len(text))
+        if b <= a:
+            continue
+        solid = [i for i in range(a, b) if not text[i].isspace()]
+        chars = solid or list(range(a, b))
+        share = float(norm) ** 2 / len(chars)
+        for c in chars:
+            mass[np.searchsorted(starts, c, side="right") - 1] += share
+    return np.sqrt(mass)
+
+
+def minmax(values: np.ndarray) -> np.ndarray:
+    """Scale to [0, 1]; a constant (or single-value) vector has no spread and maps to zeros."""
+    values = np.asarray(values, dtype=np.float64)
+    if values.size == 0:
+        return values
+    lo, hi = values.min(), values.max()
+    if not hi > lo:
+        return np.zeros_like(values)
+    return (values - lo) / (hi - lo)
+
+
+def leaf_diff(teacher: np.ndarray, student: np.ndarray) -> np.ndarray:
+    """``minmax(minmax(g_T) - minmax(g_S))``: low where the student leans on a unit the teacher ignores."""
+    return minmax(minmax(teacher) - minmax(student))
+
+
+@dataclass
+class UnitScores:
+    """Scores of one sample's scored text, per unit. Whitespace units carry NaN."""
+
+    text: str
+    units: list[Unit]
+    teacher: np.ndarray
+    student: np.ndarray
+    diff: np.ndarray
+
+    @property
+    def scored(self) -> np.ndarray:
+        return np.array([not u.is_space for u in self.units], dtype=bool)
+
+
+def compare_unit_scores(text: str, units: list[Unit], teacher_raw: np.ndarray,
+                        student_raw: np.ndarray) -> UnitScores:
+    """Normalise over the non-whitespace units and take the LeaF diff."""
+    scored = np.array([not u.is_space for u in units], dtype=bool)
+    teacher = np.full(len(units), np.nan)
+    student = np.full(len(units), np.nan)
+    diff = np.full(len(units), np.nan)
+    teacher[scored] = minmax(teacher_raw[scored])
+    student[scored] = minmax(student_raw[scored])
+    diff[scored] = leaf_diff(teacher_raw[scored], student_raw[scored])
+    return UnitScores(text, units, teacher, student, diff)
