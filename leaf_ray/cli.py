@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from leaf_ray.config import (
+    BenchmarkConfig,
     ConfigError,
     DistillationConfig,
     EvaluationConfig,
@@ -26,7 +28,12 @@ app = typer.Typer(help="LeaF causal attention distillation on Ray.", no_args_is_
 def main() -> None:
     """LeaF: find the tokens a student leans on and the teacher ignores, and distill around them."""
 
+bench_app = typer.Typer(help="The embedded benchmark: synthetic data with known confounders, tiny models.",
+                        no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
 STAGES = {
+    "benchmark": BenchmarkConfig,
     "pipeline": PipelineConfig,
     "scoring": ScoringConfig,
     "pruning": PruningConfig,
@@ -34,6 +41,14 @@ STAGES = {
     "serving": ServingConfig,
     "evaluation": EvaluationConfig,
 }
+
+
+def _load(path: Path, model):
+    try:
+        return load_config(path, model)
+    except ConfigError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from None
 
 
 @app.command()
@@ -44,24 +59,86 @@ def validate(
     """Check a config file; print the resolved settings or each bad field."""
     if stage not in STAGES:
         raise typer.BadParameter(f"unknown stage {stage!r}; choose from {', '.join(STAGES)}", param_hint="--stage")
-    try:
-        loaded = load_config(config, STAGES[stage])
-    except ConfigError as exc:
-        typer.echo(str(exc), err=True)
-        raise typer.Exit(2) from None
-    typer.echo(loaded.model_dump_json(indent=2))
+    typer.echo(_load(config, STAGES[stage]).model_dump_json(indent=2))
 
 
 @app.command()
 def demo(config: Annotated[Path, typer.Option(help="Pipeline config.")] = Path("configs/demo.yaml")) -> None:
     """Run the main job on the embedded default."""
-    try:
-        load_config(config, PipelineConfig)
-    except ConfigError as exc:
-        typer.echo(str(exc), err=True)
-        raise typer.Exit(2) from None
+    _load(config, PipelineConfig)
     typer.echo(f"{config} is valid. The pipeline stages (embedded benchmark, Ray Data scoring, Ray Train "
                "distillation, Ray Serve) are not built yet; see the open issues.")
+
+
+@bench_app.command("build")
+def bench_build(
+    config: Annotated[Path | None, typer.Option(help="BenchmarkConfig YAML; defaults build the committed artifacts.")] = None,
+    results: Annotated[Path, typer.Option(help="Where to write the figures (embedded.json shape).")] = Path(
+        "benchmarks/results/embedded.json"),
+) -> None:
+    """Generate the data and train tokenizer, teacher and student, deterministically from seeds."""
+    from leaf_ray.benchmark.build import build, embedded_results
+
+    cfg = _load(config, BenchmarkConfig) if config else BenchmarkConfig()
+    provenance = build(cfg)
+    summary = embedded_results(provenance)
+    if results.exists():  # keep distillation variants measured earlier for the same build
+        previous = json.loads(results.read_text())
+        for family, figures in summary["families"].items():
+            figures["variants"] = previous.get("families", {}).get(family, {}).get("variants", {})
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.write_text(json.dumps(summary, indent=2) + "\n")
+    for family, fig in summary["families"].items():
+        typer.echo(f"{family:>7}: teacher conflict {fig['teacher_conflict_acc']:.3f} | student conflict "
+                   f"{fig['student_conflict_acc']:.3f}, copy {fig['student_copy_rate']:.3f} | "
+                   f"detection F1 (clause) {fig['detection_f1']:.3f}")
+    typer.echo(f"artifacts in {cfg.output_dir} ({provenance['timings_s']['total']} s); figures in {results}")
+
+
+@app.command("eval")
+def evaluate(
+    model: Annotated[Path, typer.Option(help="Hugging Face model directory.")],
+    data: Annotated[list[Path], typer.Option(help="JSONL test file(s) in the corpus schema, with 'answer'.")],
+    checker: Annotated[str, typer.Option(help="Answer checker: number (first integer) or exact.")] = "number",
+    scores: Annotated[Path | None, typer.Option(help="Scores file (Parquet/JSONL) to grade against meta spans.")] = None,
+    attention: Annotated[bool, typer.Option(help="Also report attention mass on the confounder clause.")] = False,
+    max_new_tokens: int = 8,
+    batch_size: int = 64,
+    output: Annotated[Path | None, typer.Option(help="Write the report as JSON here too.")] = None,
+) -> None:
+    """Greedy answer accuracy and copy rate; detection P/R/F1 and attention mass given ground truth."""
+    from leaf_ray.evaluation import CHECKERS, answer_accuracy, attention_mass, detection_prf, greedy_generate
+    from leaf_ray.detection import load_model
+    from leaf_ray.data import iter_records
+
+    if checker not in CHECKERS:
+        raise typer.BadParameter(f"unknown checker {checker!r}; choose from {', '.join(CHECKERS)}", param_hint="--checker")
+    lm, tokenizer = load_model(model)
+    report: dict = {"model": str(model), "files": {}}
+    for path in data:
+        records = [r.to_dict() for r in iter_records(path)]
+        if any(r["answer"] is None for r in records):
+            raise typer.BadParameter(f"{path}: every record needs an 'answer' to be evaluated", param_hint="--data")
+        predictions = greedy_generate(lm, tokenizer, [r["instruction"] for r in records], max_new_tokens,
+                                      batch_size, progress=True)
+        answers = answer_accuracy(predictions, records, checker)
+        entry = {"n": answers.n, "accuracy": answers.accuracy, "copy_rate": answers.copy_rate}
+        if attention:
+            entry["attention_mass"] = attention_mass(lm, tokenizer, records)
+        if scores is not None:
+            import pyarrow.parquet as pq
+
+            rows = (pq.read_table(scores).to_pylist() if scores.suffix == ".parquet"
+                    else [json.loads(line) for line in scores.read_text().splitlines() if line.strip()])
+            meta = {r["id"]: r["meta"] for r in records}
+            graded = [(list(zip(row["unit_start"], row["unit_end"], row["unit_text"])), row["masked"], meta[row["id"]])
+                      for row in rows if row["id"] in meta and row.get("level", "instruction") == "instruction"]
+            entry["detection"] = {part: vars(detection_prf(graded, part)) for part in ("clause", "number")}
+        report["files"][str(path)] = entry
+    text = json.dumps(report, indent=2)
+    typer.echo(text)
+    if output:
+        output.write_text(text + "\n")
 
 
 if __name__ == "__main__":

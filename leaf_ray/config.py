@@ -121,9 +121,45 @@ class EvaluationConfig(StageConfig):
 
     model: str
     data: list[str] = Field(..., min_length=1, description="JSONL test files in the corpus schema, with 'answer'.")
-    checker: Literal["exact", "number", "embedded"] = "embedded"
-    max_new_tokens: int = Field(16, gt=0)
+    checker: Literal["exact", "number"] = Field("number", description="'number': first integer matches (the benchmark's).")
+    max_new_tokens: int = Field(8, gt=0)
     batch_size: int = Field(64, gt=0)
+
+
+class ModelRecipe(StageConfig):
+    """Shape and training of one embedded Llama (head_dim = hidden / heads must be 64 for vLLM on CPU)."""
+
+    layers: int = Field(..., ge=1)
+    hidden: int = Field(..., ge=64)
+    heads: int = Field(..., ge=1)
+    steps: int = Field(..., ge=1)
+    batch_size: int = Field(64, ge=1)
+    learning_rate: float = Field(2e-3, gt=0)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _head_dim_64(self) -> ModelRecipe:
+        if self.hidden % self.heads or self.hidden // self.heads != 64:
+            raise ValueError(f"hidden / heads = {self.hidden}/{self.heads} must be 64 (vLLM's CPU attention)")
+        return self
+
+
+class BenchmarkConfig(StageConfig):
+    """The embedded benchmark: data splits, tokenizer, teacher and student, from seeds."""
+
+    output_dir: str = "assets/embedded"
+    families: list[Literal["simple", "hard"]] = ["simple", "hard"]
+    seed: int = 0
+    vocab_size: int = Field(512, ge=300)
+    train_records: int = Field(30000, gt=0, description="Per family, for each of the teacher and student pools.")
+    student_rho: float = Field(1.0, ge=0, le=1, description="P(distractor = answer) when pre-training the student.")
+    distill_rho: float = Field(0.9, ge=0, le=1, description="P(distractor = answer) in the distillation corpus.")
+    distill_records: int = Field(2000, gt=0, description="Per family.")
+    test_conflict_records: int = Field(500, gt=0)
+    test_clean_records: int = Field(300, gt=0)
+    detection_records: int = Field(500, gt=0, description="Distillation records scored for detection F1, per family.")
+    teacher: ModelRecipe = ModelRecipe(layers=4, hidden=256, heads=4, steps=1200, seed=0)
+    student: ModelRecipe = ModelRecipe(layers=2, hidden=128, heads=2, steps=300, seed=1)
 
 
 class PipelineConfig(StageConfig):

@@ -34,6 +34,20 @@ class ScoredRecord:
     level: str
     text_offset: int  # where the scored text starts in the instruction / response
 
+    def to_row(self, mask: Sequence[bool], threshold: float) -> dict:
+        """One row of a scores file (Parquet / JSONL): per-unit lists, NaN as None."""
+        def floats(values: np.ndarray) -> list[float | None]:
+            return [None if np.isnan(v) else float(v) for v in values]
+
+        units = self.scores.units
+        return {
+            "id": self.record.id, "level": self.level, "text_offset": self.text_offset,
+            "unit_text": [u.text for u in units], "unit_start": [u.start for u in units],
+            "unit_end": [u.end for u in units], "teacher": floats(self.scores.teacher),
+            "student": floats(self.scores.student), "diff": floats(self.scores.diff),
+            "masked": [bool(m) for m in mask], "threshold": None if np.isnan(threshold) else float(threshold),
+        }
+
 
 @dataclass
 class _Prepared:

@@ -1,0 +1,182 @@
+"""``leaf-ray bench build``: the embedded benchmark, from seeds, in one readable recipe.
+
+1. Generate the data splits of each family (tasks.py) and write the held-out files.
+2. Train a byte-level BPE tokenizer with a chat template on the generated text.
+3. Train the teacher on decorrelated data (it learns the causal rule).
+4. Pre-train the student on correlated data (it learns the shortcut: copy the distractor).
+5. Measure both, and gradient detection against the ground truth; write ``provenance.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import leaf_ray
+from leaf_ray.benchmark.tasks import make_split
+from leaf_ray.benchmark.train import encode, make_llama, train_response_lm
+from leaf_ray.config import BenchmarkConfig, PruningConfig, ScoringConfig
+from leaf_ray.data import Record, write_jsonl
+from leaf_ray.detection import PairScorer
+from leaf_ray.evaluation import answer_accuracy, detection_prf, greedy_generate
+from leaf_ray.pruning import confounder_mask
+from leaf_ray.tokenizer import train_tokenizer
+
+HELD_OUT = ("distill", "test_conflict", "test_clean")
+ROLE_WORDS = ["user", "assistant", "system"]  # so chat-template role names are single tokens
+
+
+def config_hash(config: BenchmarkConfig) -> str:
+    return hashlib.sha256(config.model_dump_json().encode()).hexdigest()[:16]
+
+
+def code_hash() -> str:
+    """Hash of the sources that determine the artifacts, so a stale build is detectable."""
+    root = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for path in sorted([*root.glob("benchmark/*.py"), root / "tokenizer.py", root / "data.py"]):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def file_hashes(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name != "provenance.json"}
+
+
+def held_out_splits(config: BenchmarkConfig, family: str) -> dict[str, list[dict[str, Any]]]:
+    sizes = {"distill": config.distill_records, "test_conflict": config.test_conflict_records,
+             "test_clean": config.test_clean_records}
+    return {split: make_split(family, split, sizes[split], config.seed,
+                              rho=config.distill_rho if split == "distill" else None)
+            for split in HELD_OUT}
+
+
+def _train(tokenizer, records, recipe, desc: str):
+    model = make_llama(tokenizer, recipe.layers, recipe.hidden, recipe.heads, seed=recipe.seed)
+    losses = train_response_lm(model, encode(tokenizer, records), steps=recipe.steps,
+                               batch_size=recipe.batch_size, lr=recipe.learning_rate, seed=recipe.seed, desc=desc)
+    return model, losses
+
+
+def measure(model, tokenizer, records) -> dict[str, float | None]:
+    report = answer_accuracy(greedy_generate(model, tokenizer, [r["instruction"] for r in records]), records)
+    return {"accuracy": report.accuracy, "copy_rate": report.copy_rate}
+
+
+def measure_detection(teacher, student, tokenizer, records, pruning: PruningConfig) -> dict[str, Any]:
+    """Score records with both models and compare the masks with the ground-truth clause."""
+    scorer = PairScorer(teacher, tokenizer, student, tokenizer,
+                        ScoringConfig(teacher="-", student="-", corpus="-", max_length=512))
+    scored, errors = scorer.score([Record(r["id"], r["instruction"], r["response"], r["answer"], r["meta"])
+                                   for r in records])
+    if errors:
+        raise RuntimeError(f"{len(errors)} benchmark records failed to score: {errors[0]}")
+    rows, by_role = [], {"shortcut_number": [], "causal_number": [], "other": []}
+    for s in scored:
+        mask, _ = confounder_mask(s.scores, pruning)
+        units = [(u.start, u.end, u.text) for u in s.scores.units]
+        rows.append((units, mask, s.record.meta))
+        shortcut = [tuple(d["number_span"]) for d in s.record.meta["distractors"] if d["correlated"]]
+        causal = [tuple(c["span"]) for c in s.record.meta["causal"]]
+        for u, value in zip(s.scores.units, s.scores.diff):
+            if u.is_space:
+                continue
+            role = ("shortcut_number" if (u.start, u.end) in shortcut
+                    else "causal_number" if (u.start, u.end) in causal else "other")
+            by_role[role].append(value)
+    return {
+        "rule": pruning.model_dump(include={"threshold", "quantile", "quantile_cap", "tau"}),
+        "clause": vars(detection_prf(rows, "clause")),
+        "number": vars(detection_prf(rows, "number")),
+        "mean_diff_by_role": {k: float(np.mean(v)) if v else None for k, v in by_role.items()},
+    }
+
+
+def build(config: BenchmarkConfig) -> dict[str, Any]:
+    started = time.perf_counter()
+    torch.manual_seed(config.seed)
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+
+    def lap(name: str, since: float) -> float:
+        timings[name] = round(time.perf_counter() - since, 1)
+        return time.perf_counter()
+
+    t = time.perf_counter()
+    held_out = {family: held_out_splits(config, family) for family in config.families}
+    for family, splits in held_out.items():
+        for split, records in splits.items():
+            write_jsonl(out / "data" / family / f"{split}.jsonl", records)
+    teacher_pool = [r for f in config.families for r in make_split(f, "teacher_train", config.train_records, config.seed)]
+    student_pool = [r for f in config.families
+                    for r in make_split(f, "student_pretrain", config.train_records, config.seed, rho=config.student_rho)]
+    t = lap("data", t)
+
+    texts = [text for r in teacher_pool + student_pool for text in (r["instruction"], r["response"])] + ROLE_WORDS * 100
+    tokenizer = train_tokenizer(texts, vocab_size=config.vocab_size)
+    t = lap("tokenizer", t)
+
+    teacher, teacher_losses = _train(tokenizer, teacher_pool, config.teacher, "teacher")
+    t = lap("teacher", t)
+    student, student_losses = _train(tokenizer, student_pool, config.student, "student")
+    t = lap("student", t)
+
+    for name, model in (("teacher", teacher), ("student", student)):
+        model.generation_config.do_sample = False
+        model.save_pretrained(out / name)
+        tokenizer.save_pretrained(out / name)
+    t = lap("save", t)
+
+    figures: dict[str, Any] = {}
+    pruning = PruningConfig(threshold="quantile", quantile=0.10)
+    for family, splits in held_out.items():
+        figures[family] = {
+            "teacher": {s: measure(teacher, tokenizer, splits[s]) for s in ("test_conflict", "test_clean")},
+            "student": {s: measure(student, tokenizer, splits[s]) for s in ("test_conflict", "test_clean")},
+            "detection": measure_detection(teacher, student, tokenizer,
+                                           splits["distill"][: config.detection_records], pruning),
+        }
+    lap("evaluate", t)
+    timings["total"] = round(time.perf_counter() - started, 1)
+
+    provenance = {
+        "config": config.model_dump(),
+        "config_hash": config_hash(config),
+        "code_hash": code_hash(),
+        "leaf_ray_version": leaf_ray.__version__,
+        "torch_version": torch.__version__,
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+        "figures": figures,
+        "final_train_loss": {"teacher": float(np.mean(teacher_losses[-50:])),
+                             "student": float(np.mean(student_losses[-50:]))},
+        "timings_s": timings,
+        "files": file_hashes(out),
+    }
+    (out / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
+    return provenance
+
+
+def embedded_results(provenance: dict[str, Any]) -> dict[str, Any]:
+    """The ``benchmarks/results/embedded.json`` shape, from a build's figures."""
+    families = {}
+    for family, fig in provenance["figures"].items():
+        families[family] = {
+            "teacher_conflict_acc": fig["teacher"]["test_conflict"]["accuracy"],
+            "teacher_clean_acc": fig["teacher"]["test_clean"]["accuracy"],
+            "student_conflict_acc": fig["student"]["test_conflict"]["accuracy"],
+            "student_clean_acc": fig["student"]["test_clean"]["accuracy"],
+            "student_copy_rate": fig["student"]["test_conflict"]["copy_rate"],
+            "detection_f1": fig["detection"]["clause"]["f1"],
+            "detection": fig["detection"],
+            "variants": {},
+        }
+    return {"source": "leaf-ray bench build", "config_hash": provenance["config_hash"], "families": families}
