@@ -95,11 +95,40 @@ def bench_build(
     typer.echo(f"artifacts in {cfg.output_dir} ({provenance['timings_s']['total']} s); figures in {results}")
 
 
+@bench_app.command("reproduce")
+def bench_reproduce(
+    embedded: Annotated[Path, typer.Option(help="Built benchmark directory.")] = Path("assets/embedded"),
+    families: Annotated[str, typer.Option(help="Comma-separated families.")] = "simple,hard",
+    variants: Annotated[str, typer.Option(help="Comma-separated variants.")] = "kd,kd_compute_matched,leaf,random,oracle",
+    seeds: Annotated[int, typer.Option(help="Seeds per variant (0..N-1).")] = 3,
+    distill_config: Annotated[Path | None, typer.Option(
+        "--config", help="DistillationConfig YAML for the shared settings (steps, lr, batch, loss).")] = None,
+    results: Annotated[Path, typer.Option(help="embedded.json to fill in.")] = Path("benchmarks/results/embedded.json"),
+) -> None:
+    """Run the distillation variants and controls on the embedded benchmark; fill in the results table."""
+    from leaf_ray.benchmark.reproduce import reproduce
+
+    base = (_load(distill_config, DistillationConfig) if distill_config else
+            DistillationConfig(teacher=str(embedded / "teacher"), student=str(embedded / "student"),
+                               data_dir=str(embedded / "data"), max_steps=500, eval_every=100))
+    table = reproduce(embedded, families.split(","), variants.split(","), list(range(seeds)), base, PruningConfig())
+    summary = json.loads(results.read_text()) if results.exists() else {"families": {}}
+    for family, by_variant in table.items():
+        summary["families"].setdefault(family, {}).setdefault("variants", {}).update(by_variant)
+        for variant, row in by_variant.items():
+            typer.echo(f"{family:>7} {variant:>20}: conflict {row['conflict_acc_mean']:.3f} +/- "
+                       f"{row['conflict_acc_std']:.3f} | clean {row['clean_acc_mean']:.3f} | "
+                       f"attention on clause {row['attention_mass_mean']:.3f}")
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.write_text(json.dumps(summary, indent=2) + "\n")
+
+
 @app.command("eval")
 def evaluate(
     model: Annotated[Path, typer.Option(help="Hugging Face model directory.")],
     data: Annotated[list[Path], typer.Option(help="JSONL test file(s) in the corpus schema, with 'answer'.")],
     checker: Annotated[str, typer.Option(help="Answer checker: number (first integer) or exact.")] = "number",
+    engine: Annotated[str, typer.Option(help="Greedy decoding with 'transformers' or 'vllm'.")] = "transformers",
     scores: Annotated[Path | None, typer.Option(help="Scores file (Parquet/JSONL) to grade against meta spans.")] = None,
     attention: Annotated[bool, typer.Option(help="Also report attention mass on the confounder clause.")] = False,
     max_new_tokens: int = 8,
@@ -107,22 +136,33 @@ def evaluate(
     output: Annotated[Path | None, typer.Option(help="Write the report as JSON here too.")] = None,
 ) -> None:
     """Greedy answer accuracy and copy rate; detection P/R/F1 and attention mass given ground truth."""
-    from leaf_ray.evaluation import CHECKERS, answer_accuracy, attention_mass, detection_prf, greedy_generate
+    from leaf_ray.evaluation import (
+        CHECKERS,
+        answer_accuracy,
+        attention_mass,
+        detection_prf,
+        greedy_generate,
+        vllm_generate,
+    )
     from leaf_ray.detection import load_model
     from leaf_ray.data import iter_records
 
     if checker not in CHECKERS:
         raise typer.BadParameter(f"unknown checker {checker!r}; choose from {', '.join(CHECKERS)}", param_hint="--checker")
+    if engine not in ("transformers", "vllm"):
+        raise typer.BadParameter(f"unknown engine {engine!r}; choose transformers or vllm", param_hint="--engine")
     lm, tokenizer = load_model(model)
     report: dict = {"model": str(model), "files": {}}
     for path in data:
         records = [r.to_dict() for r in iter_records(path)]
         if any(r["answer"] is None for r in records):
             raise typer.BadParameter(f"{path}: every record needs an 'answer' to be evaluated", param_hint="--data")
-        predictions = greedy_generate(lm, tokenizer, [r["instruction"] for r in records], max_new_tokens,
-                                      batch_size, progress=True)
+        instructions = [r["instruction"] for r in records]
+        predictions = (vllm_generate(str(model), instructions, max_new_tokens) if engine == "vllm" else
+                       greedy_generate(lm, tokenizer, instructions, max_new_tokens, batch_size, progress=True))
         answers = answer_accuracy(predictions, records, checker)
-        entry = {"n": answers.n, "accuracy": answers.accuracy, "copy_rate": answers.copy_rate}
+        entry = {"n": answers.n, "accuracy": answers.accuracy, "copy_rate": answers.copy_rate,
+                 "predictions": dict(zip((r["id"] for r in records), predictions))}
         if attention:
             entry["attention_mass"] = attention_mass(lm, tokenizer, records)
         if scores is not None:
@@ -135,10 +175,11 @@ def evaluate(
                       for row in rows if row["id"] in meta and row.get("level", "instruction") == "instruction"]
             entry["detection"] = {part: vars(detection_prf(graded, part)) for part in ("clause", "number")}
         report["files"][str(path)] = entry
-    text = json.dumps(report, indent=2)
-    typer.echo(text)
-    if output:
-        output.write_text(text + "\n")
+    if output:  # the full report, with every prediction
+        output.write_text(json.dumps(report, indent=2) + "\n")
+    for entry in report["files"].values():
+        entry.pop("predictions")
+    typer.echo(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

@@ -83,8 +83,9 @@ class DistillationConfig(StageConfig):
     warmup_steps: int = Field(0, ge=0)
     max_steps: int = Field(1000, gt=0)
     batch_size: int = Field(64, gt=0, description="Pairs per optimizer step, over all workers.")
-    grad_accum: int = Field(1, ge=1)
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step (batch_size must divide).")
     max_grad_norm: float = Field(1.0, gt=0)
+    bf16_autocast: bool = Field(True, description="bf16 autocast of forward passes (GPU, and CPUs with AVX512-BF16).")
     checkpoint_every: int = Field(200, gt=0)
     eval_every: int = Field(250, gt=0)
     num_workers: int = Field(1, ge=1)
@@ -93,6 +94,12 @@ class DistillationConfig(StageConfig):
     max_failures: int = Field(2, ge=0)
     seed: int = 0
     resources: ResourcesConfig = ResourcesConfig()
+
+    @model_validator(mode="after")
+    def _accumulation_divides(self) -> DistillationConfig:
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of grad_accum ({self.grad_accum})")
+        return self
 
 
 class ServingConfig(StageConfig):
@@ -134,7 +141,7 @@ class ModelRecipe(StageConfig):
     heads: int = Field(..., ge=1)
     steps: int = Field(..., ge=1)
     batch_size: int = Field(64, ge=1)
-    learning_rate: float = Field(2e-3, gt=0)
+    learning_rate: float = Field(1e-3, gt=0)
     seed: int = 0
 
     @model_validator(mode="after")
@@ -158,7 +165,7 @@ class BenchmarkConfig(StageConfig):
     test_conflict_records: int = Field(500, gt=0)
     test_clean_records: int = Field(300, gt=0)
     detection_records: int = Field(500, gt=0, description="Distillation records scored for detection F1, per family.")
-    teacher: ModelRecipe = ModelRecipe(layers=4, hidden=256, heads=4, steps=1200, seed=0)
+    teacher: ModelRecipe = ModelRecipe(layers=4, hidden=256, heads=4, steps=500, seed=0)
     student: ModelRecipe = ModelRecipe(layers=2, hidden=128, heads=2, steps=300, seed=1)
 
 

@@ -12,7 +12,7 @@ chat template and any fast tokenizer.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -206,6 +206,27 @@ class RenderedSample:
         """Indices of tokens whose characters overlap ``span``."""
         start, end = span
         return [i for i, (a, b) in enumerate(self.offsets) if a < end and b > start and b > a]
+
+    @property
+    def completion_tokens(self) -> list[int]:
+        """Tokens a model is trained to produce: the response and the template's closing
+        markup after it (the end-of-turn token, so that generation learns to stop)."""
+        return self.token_indices((self.response_span[0], len(self.text)))
+
+
+def pad_batch(rows: Sequence[Sequence[int]], targets: Sequence[Sequence[int]], pad_id: int) -> dict[str, Any]:
+    """Right-pad token rows; ``target_mask`` marks the listed token indices of each row."""
+    import torch
+
+    width = max(map(len, rows))
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    target_mask = torch.zeros((len(rows), width), dtype=torch.bool)
+    for i, (ids, tgt) in enumerate(zip(rows, targets)):
+        input_ids[i, : len(ids)] = torch.tensor(list(ids), dtype=torch.long)
+        attention_mask[i, : len(ids)] = 1
+        target_mask[i, list(tgt)] = True
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "target_mask": target_mask}
 
 
 def _render(tokenizer, instruction: str, response: str | None) -> str:

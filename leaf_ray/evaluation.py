@@ -62,6 +62,22 @@ def greedy_generate(model, tokenizer, instructions: Sequence[str], max_new_token
     return outputs
 
 
+def vllm_generate(model_dir: str, instructions: Sequence[str], max_new_tokens: int = 8,
+                  max_model_len: int = 512, gpu_memory_utilization: float = 0.2) -> list[str]:
+    """Greedy completions with a vLLM engine (CUDA, or the CPU build), from the same token ids
+    as :func:`greedy_generate`. Call it under ``if __name__ == "__main__":``: vLLM spawns workers."""
+    from transformers import AutoTokenizer
+    from vllm import LLM, SamplingParams
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    prompts = [{"prompt_token_ids": tokenizer(render_prompt(tokenizer, text), add_special_tokens=False)["input_ids"]}
+               for text in instructions]
+    llm = LLM(model=model_dir, dtype="float32", max_model_len=max_model_len,
+              gpu_memory_utilization=gpu_memory_utilization, seed=0)
+    outputs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=max_new_tokens))
+    return [o.outputs[0].text for o in outputs]
+
+
 def shortcut_number(meta: dict[str, Any]) -> str | None:
     """The correlated distractor's number, if the record has one."""
     for clause in meta.get("distractors", []):

@@ -105,13 +105,17 @@ def cut(text: str, spans: list[Span]) -> str:
 
 
 def counterfactuals(record: Record, scores: UnitScores, config: PruningConfig, *,
-                    level: str = "instruction", text_offset: int = 0) -> list[dict[str, Any]]:
+                    level: str = "instruction", text_offset: int = 0,
+                    mask: np.ndarray | None = None, threshold: float | None = None) -> list[dict[str, Any]]:
     """Counterfactual records (corpus schema + provenance) for one scored record.
 
     ``scores.text`` is the scored text: the instruction, or in response-level mode the
-    reasoning prefix, which starts at ``text_offset`` in the response.
+    reasoning prefix, which starts at ``text_offset`` in the response. ``mask`` overrides
+    the detected confounders (the random and oracle controls).
     """
-    mask, thr = confounder_mask(scores, config)
+    if mask is None:
+        mask, threshold = confounder_mask(scores, config)
+    thr = math.nan if threshold is None else threshold
     spans = find_spans(scores, mask)
     if config.max_spans is not None:
         spans = sorted(sorted(spans, key=lambda s: s.min_diff)[:config.max_spans], key=lambda s: s.start)
@@ -136,6 +140,23 @@ def counterfactuals(record: Record, scores: UnitScores, config: PruningConfig, *
             "threshold": thr,
         })
     return out
+
+
+def random_mask_like(scores: UnitScores, mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A control mask: for each detected span, a span of as many non-whitespace units at a
+    random position, so the same amount of text is cut from random places."""
+    solid = np.flatnonzero(scores.scored)
+    out = np.zeros_like(mask)
+    for span in find_spans(scores, mask):
+        width = len(span.units)
+        start = rng.integers(0, len(solid) - width + 1)
+        out[solid[start:start + width]] = True
+    return out
+
+
+def mask_of_spans(scores: UnitScores, spans: list[tuple[int, int]]) -> np.ndarray:
+    """Mask of the non-whitespace units inside the given character ranges (the oracle control)."""
+    return np.array([not u.is_space and any(a <= u.start and u.end <= b for a, b in spans) for u in scores.units])
 
 
 # --------------------------------------------------------------------------- response level

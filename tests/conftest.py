@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -49,3 +51,6 @@ def byte_model(byte_tokenizer):
 @pytest.fixture(scope="session")
 def metaspace_model(metaspace_tokenizer):
     return tiny_llama(len(metaspace_tokenizer), seed=1, hidden=96, layers=3)
+
+
+EMBEDDED = Path(__file__).resolve().parents[1] / "assets" / "embedded"

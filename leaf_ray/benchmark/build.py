@@ -41,7 +41,7 @@ def code_hash() -> str:
     """Hash of the sources that determine the artifacts, so a stale build is detectable."""
     root = Path(__file__).resolve().parents[1]
     digest = hashlib.sha256()
-    for path in sorted([*root.glob("benchmark/*.py"), root / "tokenizer.py", root / "data.py"]):
+    for path in (root / "benchmark" / "tasks.py", root / "benchmark" / "train.py", root / "tokenizer.py"):
         digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
 
@@ -59,9 +59,10 @@ def held_out_splits(config: BenchmarkConfig, family: str) -> dict[str, list[dict
             for split in HELD_OUT}
 
 
-def _train(tokenizer, records, recipe, desc: str):
+def _train(tokenizer, pools: dict[str, list[dict[str, Any]]], recipe, desc: str):
     model = make_llama(tokenizer, recipe.layers, recipe.hidden, recipe.heads, seed=recipe.seed)
-    losses = train_response_lm(model, encode(tokenizer, records), steps=recipe.steps,
+    datasets = [encode(tokenizer, records) for records in pools.values()]
+    losses = train_response_lm(model, datasets, steps=recipe.steps,
                                batch_size=recipe.batch_size, lr=recipe.learning_rate, seed=recipe.seed, desc=desc)
     return model, losses
 
@@ -116,18 +117,19 @@ def build(config: BenchmarkConfig) -> dict[str, Any]:
     for family, splits in held_out.items():
         for split, records in splits.items():
             write_jsonl(out / "data" / family / f"{split}.jsonl", records)
-    teacher_pool = [r for f in config.families for r in make_split(f, "teacher_train", config.train_records, config.seed)]
-    student_pool = [r for f in config.families
-                    for r in make_split(f, "student_pretrain", config.train_records, config.seed, rho=config.student_rho)]
+    teacher_pools = {f: make_split(f, "teacher_train", config.train_records, config.seed) for f in config.families}
+    student_pools = {f: make_split(f, "student_pretrain", config.train_records, config.seed, rho=config.student_rho)
+                     for f in config.families}
     t = lap("data", t)
 
-    texts = [text for r in teacher_pool + student_pool for text in (r["instruction"], r["response"])] + ROLE_WORDS * 100
+    texts = [text for pools in (teacher_pools, student_pools) for records in pools.values()
+             for r in records for text in (r["instruction"], r["response"])] + ROLE_WORDS * 100
     tokenizer = train_tokenizer(texts, vocab_size=config.vocab_size)
     t = lap("tokenizer", t)
 
-    teacher, teacher_losses = _train(tokenizer, teacher_pool, config.teacher, "teacher")
+    teacher, teacher_losses = _train(tokenizer, teacher_pools, config.teacher, "teacher")
     t = lap("teacher", t)
-    student, student_losses = _train(tokenizer, student_pool, config.student, "student")
+    student, student_losses = _train(tokenizer, student_pools, config.student, "student")
     t = lap("student", t)
 
     for name, model in (("teacher", teacher), ("student", student)):

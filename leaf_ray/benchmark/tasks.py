@@ -11,10 +11,11 @@ ground truth.
 Two families:
 
 - ``simple``: one entity, one distractor clause (3 templates) at a random sentence boundary.
-- ``hard``: longer prompts: two or three distractor clauses from a larger set (some naming
-  another person) and number-free filler. Only one distractor clause per record is
-  correlated with the answer; the others carry random numbers, so detection has to be
-  selective, and cutting a random number-bearing span rarely cuts the right one.
+- ``hard``: longer prompts: the correlated clause (always ``note : D is lucky .``) plus one or
+  two uncorrelated distractors from a larger set (some naming another person) and
+  number-free filler. Only the note carries the shortcut; the others carry random numbers,
+  so detection has to be selective, and cutting a random number-bearing span rarely cuts
+  the right one.
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ from typing import Any
 
 NAMES = ["ann", "tom", "sue", "bob", "eva", "max", "lia", "sam"]
 SIMPLE_DISTRACTORS = ["note : {d} is lucky .", "the bus left at {d} .", "there are {d} birds outside ."]
-HARD_DISTRACTORS = SIMPLE_DISTRACTORS + [
-    "the shop opens at {d} .", "room {d} is empty .", "{o} is {d} years old .", "{o} saw {d} cats .",
+HARD_CORRELATED = "note : {d} is lucky ."
+HARD_UNCORRELATED = [
+    "the bus left at {d} .", "there are {d} birds outside .", "the shop opens at {d} .", "room {d} is empty .",
+    "{o} is {d} years old .", "{o} saw {d} cats .",
 ]
 FILLERS = ["it is a sunny day .", "the park is quiet .", "everyone likes the game .", "the road is long ."]
 QUESTION = "how many does {n} have ?"
@@ -49,7 +52,9 @@ class SplitSpec:
 
 SPLITS: dict[str, SplitSpec] = {
     "student_pretrain": SplitSpec(rho=1.0),
-    "teacher_train": SplitSpec(rho=0.0, p_distractor=0.5),  # D drawn at random: no shortcut
+    # D drawn at random: no shortcut. Mostly present: with distractors in only half of the
+    # prompts the teacher first learns a rule that breaks on them, and unlearns it slowly.
+    "teacher_train": SplitSpec(rho=0.0, p_distractor=0.9),
     "distill": SplitSpec(rho=0.9),
     "test_conflict": SplitSpec(rho=0.0, conflict=True),
     "test_clean": SplitSpec(rho=0.0, p_distractor=0.0),
@@ -98,9 +103,10 @@ def make_record(rng: random.Random, family: str, split: str, record_id: str,
 
     distractors: list[tuple[str, int, bool]] = []  # (template, number, correlated)
     if rng.random() < spec.p_distractor:
-        templates = SIMPLE_DISTRACTORS if family == "simple" else HARD_DISTRACTORS
-        count = 1 if family == "simple" else rng.randint(2, 3)
-        chosen = rng.sample(templates, count)
+        if family == "simple":
+            chosen = [rng.choice(SIMPLE_DISTRACTORS)]
+        else:
+            chosen = [HARD_CORRELATED, *rng.sample(HARD_UNCORRELATED, rng.randint(1, 2))]
         for k, template in enumerate(chosen):
             correlated = k == 0
             if correlated and spec.conflict:

@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from leaf_ray.data import render_sample
+from leaf_ray.data import pad_batch, render_sample
 
 
 def make_llama(tokenizer: PreTrainedTokenizerFast, layers: int, hidden: int, heads: int,
@@ -34,23 +34,9 @@ def make_llama(tokenizer: PreTrainedTokenizerFast, layers: int, hidden: int, hea
 
 
 def encode(tokenizer: PreTrainedTokenizerFast, records: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    """Right-padded ids and a mask of the tokens to predict: the response and what follows it
-    in the template (the end-of-turn token, so generation learns to stop)."""
-    rows, targets = [], []
-    for record in records:
-        rendered = render_sample(tokenizer, record["instruction"], record["response"])
-        first = rendered.token_indices((rendered.response_span[0], len(rendered.text)))
-        rows.append(rendered.input_ids)
-        targets.append(first)
-    width = max(map(len, rows))
-    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    target_mask = torch.zeros((len(rows), width), dtype=torch.bool)
-    for i, (ids, tgt) in enumerate(zip(rows, targets)):
-        input_ids[i, : len(ids)] = torch.tensor(ids)
-        attention_mask[i, : len(ids)] = 1
-        target_mask[i, tgt] = True
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "target_mask": target_mask}
+    """Right-padded ids and a mask of the completion tokens to predict."""
+    rendered = [render_sample(tokenizer, r["instruction"], r["response"]) for r in records]
+    return pad_batch([x.input_ids for x in rendered], [x.completion_tokens for x in rendered], tokenizer.pad_token_id)
 
 
 def response_nll(model: LlamaForCausalLM, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -60,9 +46,12 @@ def response_nll(model: LlamaForCausalLM, batch: dict[str, torch.Tensor]) -> tor
     return torch.nn.functional.cross_entropy(logits[:, :-1][predicting].float(), batch["input_ids"][:, 1:][predicting])
 
 
-def train_response_lm(model: LlamaForCausalLM, data: dict[str, torch.Tensor], *, steps: int, batch_size: int,
+def train_response_lm(model: LlamaForCausalLM, datasets: Sequence[dict[str, torch.Tensor]], *, steps: int, batch_size: int,
                       lr: float, seed: int, warmup: int = 50, bf16: bool = True, desc: str = "train") -> list[float]:
-    """AdamW with warmup and cosine decay over ``steps`` batches drawn from ``data``.
+    """AdamW with warmup and cosine decay over ``steps`` batches.
+
+    Batches come from each of ``datasets`` in turn (one per task family), so short prompts
+    are not padded to the width of long ones.
 
     ``bf16`` autocasts the forward pass (weights and optimizer stay float32): on CPUs with
     AVX512-BF16/AMX it is several times faster than float32 matmuls.
@@ -73,10 +62,10 @@ def train_response_lm(model: LlamaForCausalLM, data: dict[str, torch.Tensor], *,
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     model.train()
     losses = []
-    n = data["input_ids"].shape[0]
     with tqdm(range(steps), desc=desc, unit="step", mininterval=2.0) as bar:
-        for _ in bar:
-            idx = torch.randint(0, n, (batch_size,), generator=generator)
+        for step in bar:
+            data = datasets[step % len(datasets)]
+            idx = torch.randint(0, data["input_ids"].shape[0], (batch_size,), generator=generator)
             batch = {k: v[idx] for k, v in data.items()}
             width = int(batch["attention_mask"].sum(-1).max())  # trim shared right padding
             batch = {k: v[:, :width] for k, v in batch.items()}

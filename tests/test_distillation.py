@@ -1,0 +1,101 @@
+"""The in-process LeaF distillation core: the hybrid objective, batching, and a short run."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from leaf_ray.config import DistillationConfig, PruningConfig
+from leaf_ray.data import Record
+from leaf_ray.distillation import (
+    TrainingPair,
+    branch_loss,
+    encode_records,
+    hybrid_loss,
+    pair_records,
+    sample_batch,
+    train_in_process,
+)
+from leaf_ray.losses import distill_loss
+from leaf_ray.pruning import find_spans, mask_of_spans, random_mask_like
+from leaf_ray.scoring import UnitScores, split_units
+from tests.conftest import tiny_llama
+
+ORIGINALS = [Record(f"r{i}", f"ann has {i} . note : {i + 3} is lucky . how many ?", str(i + 3)) for i in range(6)]
+CFS = [{"id": f"r{i}#cf0", "source_id": f"r{i}", "instruction": f"ann has {i} . how many ?", "response": str(i + 3)}
+       for i in range(0, 6, 2)]
+
+
+def config(**update) -> DistillationConfig:
+    settings = {"batch_size": 4, "max_steps": 30, "learning_rate": 3e-3, "eval_every": 10, "bf16_autocast": False}
+    return DistillationConfig(teacher="t", student="s", data_dir="d", **{**settings, **update})
+
+
+def test_pairs_join_counterfactuals_by_source_id():
+    pairs = pair_records(ORIGINALS, CFS)
+    assert [len(p.counterfactuals) for p in pairs] == [1, 0, 1, 0, 1, 0]
+    assert pairs[2].counterfactuals[0].instruction == "ann has 2 . how many ?"
+
+
+def test_batches_follow_the_mode():
+    pairs = pair_records(ORIGINALS, CFS)
+    originals, cfs = sample_batch(pairs, config(lam=0.5), random.Random(0))
+    for o, c in zip(originals, cfs):  # a pair without counterfactuals falls back to its original
+        assert c.id.startswith(o.id) and (c is o or c.id == f"{o.id}#cf0")
+    assert sample_batch(pairs, config(lam=1.0), random.Random(0))[1] is None
+    mixed, none = sample_batch(pairs, config(mode="mixed", batch_size=64), random.Random(0))
+    assert none is None and {r.id for r in mixed} == {r.id for r in ORIGINALS} | {c["id"] for c in CFS}
+
+
+def test_hybrid_loss_is_the_weighted_sum_of_branches(byte_tokenizer):
+    teacher, student = tiny_llama(len(byte_tokenizer), seed=5), tiny_llama(len(byte_tokenizer), seed=6)
+    pairs = pair_records(ORIGINALS, CFS)
+    originals = encode_records(byte_tokenizer, [p.original for p in pairs])
+    cfs = encode_records(byte_tokenizer, [p.counterfactuals[0] if p.counterfactuals else p.original for p in pairs])
+    vocab = len(byte_tokenizer)
+    with torch.no_grad():
+        expected = []
+        for batch in (originals, cfs):
+            s = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            t = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            expected.append(distill_loss(s, t, batch["target_mask"], chunk_tokens=None).item())
+        total, parts = hybrid_loss(student, teacher, originals, cfs, config(lam=0.25), vocab)
+    assert parts["loss_original"] == pytest.approx(expected[0], rel=1e-5)
+    assert parts["loss_counterfactual"] == pytest.approx(expected[1], rel=1e-5)
+    assert total.item() == pytest.approx(0.25 * expected[0] + 0.75 * expected[1], rel=1e-5)
+    assert branch_loss(student, teacher, originals, config(), vocab).requires_grad
+
+
+@pytest.mark.parametrize("update", [{"lam": 0.5}, {"lam": 1.0}, {"mode": "mixed"}, {"lam": 0.5, "grad_accum": 2}])
+def test_short_run_moves_the_student_towards_the_teacher(byte_tokenizer, update):
+    teacher = tiny_llama(len(byte_tokenizer), seed=7).requires_grad_(False)
+    student = tiny_llama(len(byte_tokenizer), seed=8)
+    pairs = pair_records(ORIGINALS, CFS)
+    batch = encode_records(byte_tokenizer, [p.original for p in pairs])
+
+    def held_out(step):
+        with torch.no_grad():
+            return {"kl": branch_loss(student, teacher, batch, config(), len(byte_tokenizer)).item()}
+
+    before = held_out(0)["kl"]
+    history = train_in_process(student, teacher, byte_tokenizer, pairs, config(**update), len(byte_tokenizer), held_out)
+    assert [h["step"] for h in history if "kl" in h] == [10, 20, 30]
+    assert history[-1]["kl"] < 0.5 * before
+
+
+def test_control_masks():
+    text = "ann has 3 . note : 7 is lucky . how many ?"
+    units = split_units(text)
+    diff = np.array([np.nan if u.is_space else 0.5 for u in units])
+    scores = UnitScores(text, units, diff, diff, diff)
+    oracle = mask_of_spans(scores, [(12, 31)])  # "note : 7 is lucky ."
+    assert "".join(u.text for u, m in zip(units, oracle) if m) == "note:7islucky."
+    detected = np.array([u.text in ("7", "how", "many") for u in units])
+    for seed in range(20):
+        control = random_mask_like(scores, detected, np.random.default_rng(seed))
+        assert not any(m and u.is_space for u, m in zip(units, control))
+        # One random span per detected span, of the same width; random spans may touch or overlap.
+        assert 2 <= control.sum() <= 3 and len(find_spans(scores, control)) <= 2
