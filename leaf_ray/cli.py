@@ -64,10 +64,33 @@ def validate(
 
 @app.command()
 def demo(config: Annotated[Path, typer.Option(help="Pipeline config.")] = Path("configs/demo.yaml")) -> None:
-    """Run the main job on the embedded default."""
-    _load(config, PipelineConfig)
-    typer.echo(f"{config} is valid. The pipeline stages (embedded benchmark, Ray Data scoring, Ray Train "
-               "distillation, Ray Serve) are not built yet; see the open issues.")
+    """Run the LeaF recipe in one process on the embedded default: score, prune, distil (KD and LeaF), evaluate."""
+    from leaf_ray.demo import run_demo
+
+    cfg = _load(config, PipelineConfig)
+    report = run_demo(cfg)
+    summary = report["scoring"]
+    typer.echo(f"\nscored {summary['scored']} records ({summary['errors']} errors), "
+               f"{summary['counterfactuals']} counterfactuals, {summary['this_run']['tokens_per_s']} tokens/s")
+    files = list(next(iter(report["accuracy"].values())))
+    typer.echo(f"{'model':>10} " + " ".join(f"{f:>14}" for f in files))
+    for name, row in report["accuracy"].items():
+        typer.echo(f"{name:>10} " + " ".join(f"{row[f]:>14.3f}" for f in files))
+    typer.echo(f"\nreport: {Path(cfg.run_dir) / 'report.json'}; LeaF student (HF format): "
+               f"{Path(cfg.run_dir) / 'distill' / 'leaf' / 'model'}\n"
+               "Ray Data scoring, Ray Train distillation and Ray Serve serving are the next stages (open issues).")
+
+
+@app.command()
+def score(config: Annotated[Path, typer.Option(help="Pipeline config with 'scoring' and 'pruning' sections.")]) -> None:
+    """Score and prune a corpus with Ray Data (resumable); the same as jobs/score.py."""
+    import ray
+
+    from leaf_ray.distributed.scoring import run_scoring
+
+    cfg = _load(config, PipelineConfig)
+    ray.init()
+    typer.echo(json.dumps(run_scoring(cfg), indent=2))
 
 
 @bench_app.command("build")

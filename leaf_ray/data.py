@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 SUPPORTED_SUFFIXES = (".jsonl", ".json", ".parquet")
@@ -114,25 +115,24 @@ def corpus_files(path: str | Path) -> list[Path]:
     return [path]
 
 
-def _raw_rows(path: Path) -> Iterator[tuple[int, Any]]:
-    """(line or row number, decoded object); a row that does not decode yields its RecordError."""
-    source = str(path)
-    if path.suffix == ".jsonl":
-        with path.open("rb") as handle:
-            for line_no, raw in enumerate(handle, start=1):
-                if not raw.strip():
-                    continue
-                try:
-                    yield line_no, json.loads(raw.decode("utf-8"))
-                except UnicodeDecodeError as exc:
-                    yield line_no, RecordError(f"line is not valid UTF-8: {exc.reason} at byte {exc.start}",
-                                               line=line_no, source=source)
-                except json.JSONDecodeError as exc:
-                    yield line_no, RecordError(f"malformed JSON: {exc.msg} at column {exc.colno}",
-                                               line=line_no, source=source)
-    elif path.suffix == ".json":
+def decode_rows(content: bytes, suffix: str, source: str) -> Iterator[tuple[int, Any]]:
+    """(line or row number, decoded object) for one corpus file's bytes; a row that does not
+    decode yields a RecordError in place of the object."""
+    if suffix == ".jsonl":
+        for line_no, raw in enumerate(content.split(b"\n"), start=1):
+            if not raw.strip():
+                continue
+            try:
+                yield line_no, json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as exc:
+                yield line_no, RecordError(f"line is not valid UTF-8: {exc.reason} at byte {exc.start}",
+                                           line=line_no, source=source)
+            except json.JSONDecodeError as exc:
+                yield line_no, RecordError(f"malformed JSON: {exc.msg} at column {exc.colno}",
+                                           line=line_no, source=source)
+    elif suffix == ".json":
         try:
-            rows = json.loads(path.read_bytes().decode("utf-8"))
+            rows = json.loads(content.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             # A broken JSON array cannot be split into rows: the whole file is one error.
             yield 0, RecordError(f"file is not a valid UTF-8 JSON array: {exc}", source=source)
@@ -141,9 +141,11 @@ def _raw_rows(path: Path) -> Iterator[tuple[int, Any]]:
             yield 0, RecordError("a .json corpus must hold a JSON array of records", source=source)
             return
         yield from enumerate(rows, start=1)
-    else:
-        for row_no, row in enumerate(pq.read_table(path).to_pylist(), start=1):
+    elif suffix == ".parquet":
+        for row_no, row in enumerate(pq.read_table(pa.BufferReader(content)).to_pylist(), start=1):
             yield row_no, row
+    else:
+        raise ValueError(f"unsupported corpus format {suffix!r} for {source}; use {SUPPORTED_SUFFIXES}")
 
 
 def iter_records(path: str | Path, errors: list[RecordError] | None = None) -> Iterator[Record]:
@@ -154,7 +156,7 @@ def iter_records(path: str | Path, errors: list[RecordError] | None = None) -> I
     """
     seen: set[str] = set()
     for path_ in corpus_files(path):
-        for line_no, obj in _raw_rows(path_):
+        for line_no, obj in decode_rows(path_.read_bytes(), path_.suffix, str(path_)):
             try:
                 if isinstance(obj, RecordError):
                     raise obj

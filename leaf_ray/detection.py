@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from leaf_ray.config import ScoringConfig
+from leaf_ray.config import PruningConfig, ScoringConfig
 from leaf_ray.data import Record, RecordError, render_sample
-from leaf_ray.pruning import response_prefix
+from leaf_ray.pruning import confounder_mask, counterfactuals, response_prefix
 from leaf_ray.scoring import (
     ScoringItem,
     UnitScores,
@@ -33,6 +33,7 @@ class ScoredRecord:
     scores: UnitScores
     level: str
     text_offset: int  # where the scored text starts in the instruction / response
+    num_tokens: int  # the student's rendered sequence length, for throughput
 
     def to_row(self, mask: Sequence[bool], threshold: float) -> dict:
         """One row of a scores file (Parquet / JSONL): per-unit lists, NaN as None."""
@@ -168,5 +169,23 @@ class PairScorer:
                          for t in item.context_tokens]
                 per_model.append(project_to_units(units, spans, raw[m][i], p.text))
             scores = compare_unit_scores(p.text, units, per_model[0], per_model[1])
-            scored.append(ScoredRecord(p.record, scores, self.config.level, p.text_offset))
+            scored.append(ScoredRecord(p.record, scores, self.config.level, p.text_offset, len(p.items[1].input_ids)))
         return scored, errors
+
+
+def score_and_prune(scorer: PairScorer, pruning: PruningConfig, records: Sequence[Record]
+                    ) -> tuple[list[dict], list[dict], list[RecordError], dict[str, int]]:
+    """Scores rows, counterfactual rows and errors for a batch of records, plus counts."""
+    scored, errors = scorer.score(records)
+    rows, cfs = [], []
+    stats = {"scored": len(scored), "tokens": 0, "masked_units": 0, "scored_units": 0}
+    for s in scored:
+        mask, threshold = confounder_mask(s.scores, pruning)
+        rows.append(s.to_row(mask, threshold))
+        cfs += counterfactuals(s.record, s.scores, pruning, level=s.level, text_offset=s.text_offset,
+                               mask=mask, threshold=threshold)
+        stats["tokens"] += s.num_tokens
+        stats["masked_units"] += int(mask.sum())
+        stats["scored_units"] += int(s.scores.scored.sum())
+    stats["counterfactuals"] = len(cfs)
+    return rows, cfs, errors, stats

@@ -97,3 +97,16 @@ def test_counterfactual_properties(text, data, mode):
         assert text[start:end].strip()
         assert all(start <= units[i].start and units[i].end <= end for i in span.units)
         assert start in {u.start for u in units} and end in {u.end for u in units}
+
+
+def test_response_level_counterfactual_cuts_only_the_prefix():
+    response = "Step 1: note 7.\nStep 2: add 3 and 4.\nAnswer 7"
+    prefix = response[:16]  # "Step 1: note 7.\n" is the scored prefix
+    units = split_units(prefix)
+    diff = np.array([np.nan if u.is_space else (0.0 if u.text == "note" else 0.9) for u in units])
+    scores = UnitScores(prefix, units, diff, diff, diff)
+    record = Record("r", "add 3 and 4", response, "7")
+    (cf,) = counterfactuals(record, scores, PruningConfig(threshold="absolute", tau=0.1), level="response")
+    assert cf["instruction"] == record.instruction and cf["level"] == "response"
+    (start, end), = cf["char_ranges"]
+    assert cf["response"] == response[:start] + response[end:] == "Step 1: 7.\nStep 2: add 3 and 4.\nAnswer 7"

@@ -1,0 +1,31 @@
+"""Stage 1 as a Ray job: score a corpus with teacher and student, prune, write counterfactuals.
+
+    ray job submit --working-dir . -- python jobs/score.py --config configs/demo.yaml
+
+Rerunning the same command after a failure (or after appending data) scores only what is
+not done yet. Outputs: see leaf_ray/score_store.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import ray
+
+from leaf_ray.config import PipelineConfig, load_config
+from leaf_ray.distributed.scoring import run_scoring
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="pipeline YAML with 'scoring' and 'pruning' sections")
+    args = parser.parse_args()
+    config = load_config(args.config, PipelineConfig)
+    ray.init()  # joins the cluster of `ray job submit` (RAY_ADDRESS), else starts a local one
+    summary = run_scoring(config)
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""Stage 1 at corpus scale: Ray Data spreads confounder scoring over an actor pool.
+
+Each actor loads teacher and student once (:class:`ScoreActor`) and runs the core
+:func:`~leaf_ray.detection.score_and_prune` on its batches, writing each batch's outputs
+through :mod:`leaf_ray.score_store` so that a killed job resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+
+from leaf_ray.config import PipelineConfig
+from leaf_ray.data import RecordError, corpus_files, decode_rows, parse_record
+from leaf_ray.score_store import done_keys, error_key, error_row, totals, write_batch, write_summary
+
+
+def explode_file(row: dict[str, Any]) -> list[dict[str, Any]]:
+    """One corpus file's bytes -> one row per record, keyed by id (or by file:line when the
+    row has no usable id), with the record as JSON text or the reason it failed to decode."""
+    source = row["path"]
+    out = []
+    for line, obj in decode_rows(row["bytes"], Path(source).suffix, source):
+        if isinstance(obj, RecordError):
+            out.append({"key": f"{source}:{line}", "source": source, "line": line, "payload": None, "error": obj.reason})
+            continue
+        has_id = isinstance(obj, dict) and isinstance(obj.get("id"), (str, int)) and str(obj.get("id")).strip()
+        key = str(obj["id"]) if has_id else f"{source}:{line}"
+        out.append({"key": key, "source": source, "line": line, "payload": json.dumps(obj), "error": None})
+    return out
+
+
+class ScoreActor:
+    """Holds teacher and student; scores, prunes and writes one batch per call."""
+
+    def __init__(self, config: PipelineConfig):
+        import torch
+
+        from leaf_ray.detection import PairScorer
+
+        self.config = config
+        self.output = Path(config.scoring.output_dir)
+        try:
+            self.scorer = PairScorer.from_config(config.scoring)
+        except (MemoryError, torch.OutOfMemoryError, RuntimeError, OSError) as exc:
+            raise RuntimeError(_load_failure(config, exc)) from exc
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        from leaf_ray.detection import score_and_prune
+
+        records, errors = [], []
+        for key, source, line, payload, error in zip(batch["key"], batch["source"], batch["line"],
+                                                     batch["payload"], batch["error"]):
+            where = {"line": int(line), "source": str(source)}
+            try:
+                if payload is None:
+                    raise RecordError(str(error), **where)
+                records.append(parse_record(json.loads(payload), **where))
+            except RecordError as exc:
+                errors.append((str(key), exc))
+        rows, cfs, failed, stats = score_and_prune(self.scorer, self.config.pruning, records)
+        errors += [(error_key(e), e) for e in failed]
+        error_rows = [error_row(key, e) for key, e in errors]
+        stats.update(read=len(batch["key"]), errors=len(error_rows))
+        write_batch(self.output, [str(k) for k in batch["key"]], rows, cfs, error_rows, stats)
+        return {"batch": [stats["read"]]}
+
+
+def _load_failure(config: PipelineConfig, exc: BaseException) -> str:
+    import psutil
+
+    memory = psutil.virtual_memory()
+    models = f"teacher {config.scoring.teacher!r} / student {config.scoring.student!r}"
+    return (f"scoring actor could not load {models} ({type(exc).__name__}: {exc}); "
+            f"node memory {memory.available / 2**30:.1f} GiB free of {memory.total / 2**30:.1f} GiB; "
+            f"actor reserved {config.scoring.resources.num_cpus} CPUs, {config.scoring.resources.num_gpus} GPUs")
+
+
+def run_scoring(config: PipelineConfig) -> dict[str, Any]:
+    """Score every record not yet done; return (and write) the summary over all runs."""
+    started = time.perf_counter()
+    scoring = config.scoring
+    output = Path(scoring.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    finished = done_keys(output)
+    before = totals(output)
+
+    files = [str(path.resolve()) for path in corpus_files(scoring.corpus)]
+    rows = ray.data.read_binary_files(files, include_paths=True).flat_map(explode_file)
+    pending = rows.filter(lambda row: row["key"] not in finished)
+    results = pending.map_batches(
+        ScoreActor,
+        fn_constructor_kwargs={"config": config},
+        batch_size=scoring.batch_size,
+        compute=ray.data.ActorPoolStrategy(size=scoring.num_actors),
+        num_cpus=scoring.resources.num_cpus,
+        num_gpus=scoring.resources.num_gpus,
+    )
+    processed = sum(int(row["batch"]) for row in results.iter_rows())
+    return write_summary(output, before, time.perf_counter() - started, processed, len(finished))

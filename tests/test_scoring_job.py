@@ -1,0 +1,148 @@
+"""The Ray Data scoring job on a real local Ray cluster: bad records, kill and resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from leaf_ray.score_store import read_jsonl_parts, read_scores
+from tests.conftest import EMBEDDED
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = [pytest.mark.ray, pytest.mark.slow,
+              pytest.mark.skipif(not (EMBEDDED / "student").exists(), reason="embedded models not built")]
+
+BAD_LINES = [
+    b'{"id": "broken", "instruction": "ann has',                                    # malformed JSON
+    json.dumps({"id": "no-response", "instruction": "ann has 3 ."}).encode(),          # missing field
+    json.dumps({"id": "empty", "instruction": "  ", "response": "3"}).encode(),        # empty instruction
+    json.dumps({"id": "too-long", "instruction": "ann has 3 . " * 80, "response": "3"}).encode(),
+    b'{"id": "latin1", "instruction": "caf\xe9 has 3", "response": "3"}',              # not UTF-8
+]
+BAD_KEYS = {"no-response", "empty", "too-long"}
+
+
+def make_corpus(root: Path, good: int) -> tuple[Path, set[str]]:
+    lines = (EMBEDDED / "data" / "simple" / "distill.jsonl").read_bytes().splitlines()[:good]
+    corpus = root / "corpus"
+    corpus.mkdir()
+    half = good // 2
+    (corpus / "a.jsonl").write_bytes(b"\n".join(lines[:half] + BAD_LINES) + b"\n")
+    pq.write_table(pa.Table.from_pylist([json.loads(line) for line in lines[half:]]), corpus / "b.parquet")
+    return corpus, {json.loads(line)["id"] for line in lines}
+
+
+def write_config(root: Path, corpus: Path, output: Path) -> Path:
+    config = {"scoring": {"teacher": str(EMBEDDED / "teacher"), "student": str(EMBEDDED / "student"),
+                          "corpus": str(corpus), "output_dir": str(output), "max_length": 96,
+                          "batch_size": 16, "num_actors": 1, "resources": {"num_cpus": 1}},
+              "pruning": {"threshold": "quantile", "quantile": 0.1}}
+    path = root / f"{output.name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def start_job(config: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(ROOT / "jobs" / "score.py"), "--config", str(config)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def finish(job: subprocess.Popen) -> str:
+    out, _ = job.communicate(timeout=600)
+    assert job.returncode == 0, out[-4000:]
+    return out
+
+
+def outputs(root: Path) -> tuple[dict, list, dict]:
+    scores = {row["id"]: row for row in read_scores(root)}
+    cfs = sorted(read_jsonl_parts(root, "counterfactuals"), key=lambda r: r["id"])
+    errors = {row["key"]: row for row in read_jsonl_parts(root, "errors")}
+    return scores, cfs, errors
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    root = tmp_path_factory.mktemp("job")
+    corpus, good_ids = make_corpus(root, good=240)
+    output = root / "full"
+    finish(start_job(write_config(root, corpus, output)))
+    return root, corpus, good_ids, output
+
+
+def test_every_good_record_scored_every_bad_one_reported(uninterrupted):
+    root, corpus, good_ids, output = uninterrupted
+    scores, cfs, errors = outputs(output)
+    assert set(scores) == good_ids
+    assert BAD_KEYS <= set(errors) and len(errors) == len(BAD_LINES)
+    by_reason = {key: row["reason"] for key, row in errors.items()}
+    assert "malformed JSON" in by_reason[f"{corpus / 'a.jsonl'}:121"]
+    assert "not valid UTF-8" in by_reason[f"{corpus / 'a.jsonl'}:125"]
+    assert by_reason["no-response"] == "missing field 'response'"
+    assert by_reason["empty"] == "field 'instruction' is empty"
+    assert "max_length" in by_reason["too-long"]
+    summary = json.loads((output / "summary.json").read_text())
+    assert summary["read"] == 245 and summary["scored"] == 240 and summary["errors"] == 5
+    assert summary["counterfactuals"] == len(cfs) > 0
+
+    originals = {}
+    for line in (EMBEDDED / "data" / "simple" / "distill.jsonl").read_text().splitlines()[:240]:
+        record = json.loads(line)
+        originals[record["id"]] = record["instruction"]
+    for cf in cfs:
+        (start, end), = cf["char_ranges"]
+        source = originals[cf["source_id"]]
+        assert cf["instruction"] == source[:start] + source[end:]
+        assert cf["removed_text"] == [source[start:end]]
+
+
+def test_kill_and_resume_gives_the_same_outputs(uninterrupted):
+    root, corpus, _, full = uninterrupted
+    output = root / "resumed"
+    config = write_config(root, corpus, output)
+    job = start_job(config)
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list((output / "_done").glob("*.json"))) < 2:
+        assert job.poll() is None, "the job finished before it could be killed"
+        time.sleep(0.2)
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait()
+    subprocess.run(["ray", "stop", "--force"], capture_output=True)
+    partial = len(list((output / "_done").glob("*.json")))
+    assert 2 <= partial < 16, "the kill should land mid-run"
+
+    finish(start_job(config))
+    expected, got = outputs(full), outputs(output)
+    assert set(got[0]) == set(expected[0])
+    for record_id, row in expected[0].items():
+        other = got[0][record_id]
+        assert other["unit_text"] == row["unit_text"] and other["masked"] == row["masked"]
+        np.testing.assert_allclose(np.array(other["diff"], dtype=float), np.array(row["diff"], dtype=float),
+                                   atol=1e-5)
+    assert [(c["id"], c["instruction"]) for c in got[1]] == [(c["id"], c["instruction"]) for c in expected[1]]
+    assert set(got[2]) == set(expected[2])
+    summary = json.loads((output / "summary.json").read_text())
+    assert summary["scored"] == 240 and summary["errors"] == 5 and summary["this_run"]["skipped_as_done"] > 0
+
+
+def test_model_that_cannot_load_fails_fast_with_its_name(tmp_path):
+    corpus, _ = make_corpus(tmp_path, good=4)
+    config = write_config(tmp_path, corpus, tmp_path / "out")
+    data = yaml.safe_load(config.read_text())
+    data["scoring"]["teacher"] = str(tmp_path / "no-such-teacher")
+    config.write_text(yaml.safe_dump(data))
+    job = start_job(config)
+    out, _ = job.communicate(timeout=300)
+    assert job.returncode != 0
+    assert "could not load" in out and "no-such-teacher" in out and "GiB free" in out
