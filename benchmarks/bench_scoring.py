@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from leaf_ray.config import PipelineConfig, PruningConfig, ScoringConfig
+from leaf_ray.config import PipelineConfig, PruningConfig, ResourcesConfig, ScoringConfig
 from leaf_ray.data import iter_records, render_sample
 from leaf_ray.detection import PairScorer, load_model
 from leaf_ray.scoring import ScoringItem
@@ -101,13 +101,15 @@ def main() -> None:
 
     from leaf_ray.distributed.scoring import run_scoring
 
-    ray.init(num_cpus=2, include_dashboard=False)
+    # More logical CPUs than cores: the actor reserves 2 (its torch threads) and the light read
+    # stage needs a share too, or Ray Data backpressures it forever.
+    ray.init(num_cpus=4, include_dashboard=False)
     ray_walls = []
     for _ in range(args.repeats):
         with tempfile.TemporaryDirectory() as tmp:
             pipeline = PipelineConfig(scoring=config.model_copy(update={
                 "output_dir": tmp, "batch_size": 512, "num_actors": 1,
-                "resources": {"num_cpus": 2}}), pruning=PruningConfig())
+                "resources": ResourcesConfig(num_cpus=2)}), pruning=PruningConfig())
             summary = run_scoring(pipeline)
             ray_walls.append(summary["this_run"]["wall_s"])
     ray_s = statistics.median(ray_walls)

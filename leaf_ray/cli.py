@@ -78,7 +78,7 @@ def demo(config: Annotated[Path, typer.Option(help="Pipeline config.")] = Path("
         typer.echo(f"{name:>10} " + " ".join(f"{row[f]:>14.3f}" for f in files))
     typer.echo(f"\nreport: {Path(cfg.run_dir) / 'report.json'}; LeaF student (HF format): "
                f"{Path(cfg.run_dir) / 'distill' / 'leaf' / 'model'}\n"
-               "Ray Data scoring, Ray Train distillation and Ray Serve serving are the next stages (open issues).")
+               f"The same scoring on Ray Data: leaf-ray score --config {config}")
 
 
 @app.command()

@@ -91,7 +91,9 @@ def run_scoring(config: PipelineConfig) -> dict[str, Any]:
     before = totals(output)
 
     files = [str(path.resolve()) for path in corpus_files(scoring.corpus)]
-    rows = ray.data.read_binary_files(files, include_paths=True).flat_map(explode_file)
+    # Reading and splitting are light: a fraction of a CPU each, so that they still run when the
+    # scoring actors reserve every CPU of the node.
+    rows = ray.data.read_binary_files(files, include_paths=True, num_cpus=0.25).flat_map(explode_file, num_cpus=0.25)
     pending = rows.filter(lambda row: row["key"] not in finished)
     results = pending.map_batches(
         ScoreActor,
