@@ -187,6 +187,12 @@ _INSTRUCTION_SENTINEL = "LEAFRAYINSTRUCTIONSENTINEL"
 _RESPONSE_SENTINEL = "LEAFRAYRESPONSESENTINEL"
 
 
+def overlapping_tokens(offsets: Sequence[tuple[int, int]], span: tuple[int, int]) -> list[int]:
+    """Indices of the (non-empty) tokens whose characters overlap ``span``."""
+    start, end = span
+    return [i for i, (a, b) in enumerate(offsets) if a < end and b > start and b > a]
+
+
 @dataclass(frozen=True)
 class RenderedSample:
     """A chat-templated (instruction, response) pair with character spans and tokens.
@@ -205,9 +211,7 @@ class RenderedSample:
     offsets: list[tuple[int, int]]
 
     def token_indices(self, span: tuple[int, int]) -> list[int]:
-        """Indices of tokens whose characters overlap ``span``."""
-        start, end = span
-        return [i for i, (a, b) in enumerate(self.offsets) if a < end and b > start and b > a]
+        return overlapping_tokens(self.offsets, span)
 
     @property
     def completion_tokens(self) -> list[int]:

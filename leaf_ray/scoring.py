@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from leaf_ray.data import RenderedSample
+from leaf_ray.data import RenderedSample, overlapping_tokens
 
 # Words, punctuation runs and whitespace runs: the pieces that both tokenizers' scores
 # are projected onto, and that pruning keeps or cuts whole.
@@ -71,8 +71,7 @@ class ScoringItem:
         return cls(rendered.input_ids, rendered.offsets, rendered.instruction_span, rendered.response_span)
 
     def token_indices(self, span: tuple[int, int]) -> list[int]:
-        start, end = span
-        return [i for i, (a, b) in enumerate(self.offsets) if a < end and b > start and b > a]
+        return overlapping_tokens(self.offsets, span)
 
     @property
     def context_tokens(self) -> list[int]:

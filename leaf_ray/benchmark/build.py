@@ -25,7 +25,7 @@ from leaf_ray.benchmark.train import encode, make_llama, train_response_lm
 from leaf_ray.config import BenchmarkConfig, PruningConfig, ScoringConfig
 from leaf_ray.data import Record, write_jsonl
 from leaf_ray.detection import PairScorer
-from leaf_ray.evaluation import answer_accuracy, detection_prf, greedy_generate
+from leaf_ray.evaluation import answer_accuracy, confounder_spans, detection_prf, greedy_generate
 from leaf_ray.pruning import confounder_mask
 from leaf_ray.tokenizer import train_tokenizer
 
@@ -85,7 +85,7 @@ def measure_detection(teacher, student, tokenizer, records, pruning: PruningConf
         mask, _ = confounder_mask(s.scores, pruning)
         units = [(u.start, u.end, u.text) for u in s.scores.units]
         rows.append((units, mask, s.record.meta))
-        shortcut = [tuple(d["number_span"]) for d in s.record.meta["distractors"] if d["correlated"]]
+        shortcut = confounder_spans(s.record.meta, "number")
         causal = [tuple(c["span"]) for c in s.record.meta["causal"]]
         for u, value in zip(s.scores.units, s.scores.diff):
             if u.is_space:
