@@ -1,9 +1,10 @@
-"""Stage 1 as a Ray job: score a corpus with teacher and student, prune, write counterfactuals.
+"""Stage 1 as a Ray job: score a corpus with teacher and student, prune, write counterfactuals,
+and, when the config has a 'verification' section, answer and filter them with vLLM.
 
     ray job submit --working-dir . -- python jobs/score.py --config configs/demo.yaml
 
 Rerunning the same command after a failure (or after appending data) scores only what is
-not done yet. Outputs: see leaf_ray/score_store.py.
+not done yet. Outputs: see leaf_ray/score_store.py and leaf_ray/distributed/verify.py.
 """
 
 from __future__ import annotations
@@ -23,8 +24,11 @@ def main() -> None:
     args = parser.parse_args()
     config = load_config(args.config, PipelineConfig)
     ray.init()  # joins the cluster of `ray job submit` (RAY_ADDRESS), else starts a local one
-    summary = run_scoring(config)
-    print(json.dumps(summary, indent=2))
+    print(json.dumps(run_scoring(config), indent=2))
+    if config.verification is not None:
+        from leaf_ray.distributed.verify import run_verification
+
+        print(json.dumps(run_verification(config), indent=2))
 
 
 if __name__ == "__main__":

@@ -155,8 +155,12 @@ class PairScorer:
                 errors.append(exc)
         raw: list[list[np.ndarray | None]] = [[None] * len(prepared) for _ in self.models]
         for m, model in enumerate(self.models):
+            autocast = torch.autocast(next(model.parameters()).device.type, dtype=torch.bfloat16,
+                                      enabled=self.config.bf16_autocast)
             for batch in self._batches(prepared, m):
-                norms = token_sensitivity(model, [prepared[i].items[m] for i in batch], self.config.padding_side)
+                with autocast:
+                    norms = token_sensitivity(model, [prepared[i].items[m] for i in batch],
+                                              self.config.padding_side)
                 for i, n in zip(batch, norms):
                     raw[m][i] = n
         scored = []

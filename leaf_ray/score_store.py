@@ -105,6 +105,7 @@ def write_summary(root: Path, before: dict[str, float], wall_s: float, processed
         "scored": int(after.get("scored", 0)),
         "errors": int(after.get("errors", 0)),
         "counterfactuals": int(after.get("counterfactuals", 0)),
+        "tokens": int(after.get("tokens", 0)),
         "masked_unit_fraction": after.get("masked_units", 0) / max(after.get("scored_units", 0), 1),
         "this_run": {"records": processed, "skipped_as_done": skipped, "wall_s": round(wall_s, 2),
                      "tokens_per_s": round(tokens / wall_s, 1) if wall_s else 0.0},
