@@ -37,6 +37,8 @@ class ScoringConfig(StageConfig):
     max_tokens_per_batch: int = Field(8192, gt=0, description="Padded tokens per forward+backward.")
     padding_side: Literal["left", "right"] = "right"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    bf16_autocast: bool = Field(
+        False, description="bf16 autocast of the forward passes (GPU, and CPUs with AVX512-BF16/AMX).")
     device: str = Field("auto", description="'auto' picks cuda when available, else cpu.")
     device_map: str | None = Field(None, description="'auto' to spread a big teacher over an actor's GPUs.")
     unit_pattern: str = Field(r"\s+|\w+|[^\w\s]+", description="Regex for the character units scores are compared on.")
@@ -63,13 +65,33 @@ class PruningConfig(StageConfig):
     max_spans: int | None = Field(None, ge=1, description="Keep at most this many spans per record (lowest diff first).")
 
 
+class VerificationConfig(StageConfig):
+    """Stage 1c (optional, as in the paper): generate answers with vLLM and keep the samples
+    that teach something: the teacher right and the student wrong on the original, and
+    counterfactuals on which the student gets it right."""
+
+    data_dir: str = Field(..., description="Output folder of the scoring job.")
+    output_dir: str = Field("runs/verify", description="Where originals.jsonl, counterfactuals.jsonl, summary.json go.")
+    checker: Literal["exact", "number"] = Field("number", description="How a generated answer is checked.")
+    keep_originals: Literal["all", "teacher_right", "teacher_right_student_wrong"] = "teacher_right_student_wrong"
+    keep_counterfactuals: Literal["all", "student_right"] = "student_right"
+    max_tokens: int = Field(16, gt=0, description="Generated tokens per answer.")
+    max_model_len: int = Field(512, gt=0)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    gpu_memory_utilization: float = Field(0.2, gt=0, le=1, description="0.2 on the CPU build; ~0.9 on a GPU.")
+    batch_size: int = Field(64, gt=0, description="Rows per vLLM engine batch.")
+    num_engines: int = Field(1, ge=1, description="vLLM engine replicas per model.")
+    resources: ResourcesConfig = ResourcesConfig()
+
+
 class DistillationConfig(StageConfig):
     """Stage 2: causal attention distillation."""
 
     teacher: str
     student: str
-    data_dir: str = Field(..., description="Output folder of the scoring job (originals + counterfactuals).")
-    output_dir: str = "runs/distill"
+    data_dir: str = Field(..., description="Output folder of the scoring job (scores + counterfactuals).")
+    corpus: str | None = Field(None, description="The original records; default: the scoring stage's corpus.")
+    output_dir: str = Field("runs/distill", description="Checkpoints (ray_train/) and the exported model/.")
     variant: Literal["kd", "kd_compute_matched", "leaf", "leaf_instr_resp", "random", "oracle"] = "leaf"
     mode: Literal["hybrid", "mixed"] = Field(
         "hybrid", description="'hybrid': lam*L(orig)+(1-lam)*L(cf) per pair; 'mixed': one shuffled pool (official).")
@@ -88,7 +110,10 @@ class DistillationConfig(StageConfig):
     bf16_autocast: bool = Field(True, description="bf16 autocast of forward passes (GPU, and CPUs with AVX512-BF16).")
     checkpoint_every: int = Field(200, gt=0)
     eval_every: int = Field(250, gt=0)
-    num_workers: int = Field(1, ge=1)
+    validation_fraction: float = Field(0.05, ge=0, lt=1, description="Share of pairs held out for validation.")
+    validation_max_records: int = Field(256, ge=1, description="At most this many validation pairs.")
+    checker: Literal["exact", "number"] = Field("number", description="Answer check for validation accuracy.")
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP ranks).")
     use_gpu: bool = False
     strategy: Literal["ddp", "fsdp"] = "ddp"
     max_failures: int = Field(2, ge=0)
@@ -96,41 +121,55 @@ class DistillationConfig(StageConfig):
     resources: ResourcesConfig = ResourcesConfig()
 
     @model_validator(mode="after")
-    def _accumulation_divides(self) -> DistillationConfig:
-        if self.batch_size % self.grad_accum:
-            raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of grad_accum ({self.grad_accum})")
+    def _batch_divides(self) -> DistillationConfig:
+        if self.batch_size % (self.grad_accum * self.num_workers):
+            raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of grad_accum * num_workers "
+                             f"({self.grad_accum} * {self.num_workers})")
         return self
 
 
 class ServingConfig(StageConfig):
-    """Serve the student over an OpenAI-compatible API."""
+    """Serve the student over an OpenAI-compatible API (Ray Serve LLM, vLLM engine), with /v1/focus."""
 
-    model: str = Field(..., description="Model directory to serve.")
+    model: str = Field(..., description="Model directory (or Hugging Face id) to serve.")
     model_id: str = Field("leaf-student", description="Name clients use in the 'model' field.")
-    max_model_len: int = Field(512, gt=0)
+    max_model_len: int = Field(512, gt=0, description="Prompt + completion tokens per request.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(1, ge=1)
-    target_ongoing_requests: int = Field(16, ge=1)
+    target_ongoing_requests: int = Field(16, ge=1, description="Autoscaling target per engine replica.")
     gpu_memory_utilization: float = Field(0.2, gt=0, le=1)
+    resources: ResourcesConfig = Field(
+        ResourcesConfig(), description="Per engine replica; num_gpus > 0 runs CUDA vLLM, 0 the CPU build.")
     api_key_env: str | None = Field(None, description="Env var holding the bearer token; unset means no auth.")
+    api_key_file: str | None = Field(None, description="File holding the bearer token (a mounted secret).")
+    focus: bool = Field(True, description="Serve /v1/focus from its own deployment (a transformers copy of the model).")
+    teacher: str | None = Field(None, description="Teacher model for /v1/focus: adds the LeaF diff and pruned spans.")
+    pruning: PruningConfig = Field(PruningConfig(), description="Confounder rule /v1/focus applies with a teacher.")
+    focus_resources: ResourcesConfig = Field(ResourcesConfig(), description="Per /v1/focus replica.")
     port: int = Field(8000, gt=0, lt=65536)
 
     @model_validator(mode="after")
     def _replicas_ordered(self) -> ServingConfig:
         if self.min_replicas > self.max_replicas:
             raise ValueError(f"min_replicas ({self.min_replicas}) > max_replicas ({self.max_replicas})")
+        if self.api_key_env and self.api_key_file:
+            raise ValueError("set api_key_env or api_key_file, not both")
+        if self.teacher and not self.focus:
+            raise ValueError("teacher is only used by /v1/focus; set focus: true or drop teacher")
         return self
 
 
 class EvaluationConfig(StageConfig):
     """Greedy answer accuracy on held-out files."""
 
-    model: str
+    model: str | None = Field(None, description="Model to evaluate; in a pipeline: teacher, student and every variant.")
     data: list[str] = Field(..., min_length=1, description="JSONL test files in the corpus schema, with 'answer'.")
     checker: Literal["exact", "number"] = Field("number", description="'number': first integer matches (the benchmark's).")
     max_new_tokens: int = Field(8, gt=0)
     batch_size: int = Field(64, gt=0)
+    attention: bool = Field(True, description="Attention mass on ground-truth confounders (first data file).")
+    samples: int = Field(6, ge=0, description="Scored prompts shown with their pruned spans in the report.")
 
 
 class ModelRecipe(StageConfig):
@@ -174,11 +213,22 @@ class PipelineConfig(StageConfig):
 
     name: str = Field("leaf", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     run_dir: str = "runs/leaf"
+    benchmark: BenchmarkConfig | None = Field(
+        None, description="Build the embedded benchmark first (skipped when its output_dir is complete).")
+    variants: list[Literal["kd", "kd_compute_matched", "leaf", "leaf_instr_resp", "random", "oracle"]] = Field(
+        ["kd", "leaf"], min_length=1, description="Students the pipeline distils, each from the same config.")
     scoring: ScoringConfig
     pruning: PruningConfig = PruningConfig()
+    verification: VerificationConfig | None = None
     distillation: DistillationConfig | None = None
     serving: ServingConfig | None = None
     evaluation: EvaluationConfig | None = None
+
+    @model_validator(mode="after")
+    def _distil_the_scored_corpus(self) -> PipelineConfig:
+        if self.distillation is not None and self.distillation.corpus is None:
+            self.distillation.corpus = self.scoring.corpus
+        return self
 
 
 class ConfigError(ValueError):

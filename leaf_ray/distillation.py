@@ -14,9 +14,11 @@ plain PyTorch; the Ray Train job runs the same :func:`hybrid_loss` on each worke
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,9 +52,9 @@ def encode_records(tokenizer, records: Sequence[Record]) -> dict[str, torch.Tens
     return pad_batch([x.input_ids for x in rendered], [x.completion_tokens for x in rendered], tokenizer.pad_token_id)
 
 
-def sample_batch(pairs: Sequence[TrainingPair], config: DistillationConfig, rng: random.Random
+def sample_batch(pairs: Sequence[TrainingPair], config: DistillationConfig, size: int, rng: random.Random
                  ) -> tuple[list[Record], list[Record] | None]:
-    """Originals and, for the hybrid loss, one counterfactual per original.
+    """``size`` originals drawn with replacement and, for the hybrid loss, one counterfactual each.
 
     A pair without counterfactuals uses its original in the counterfactual branch, so it
     contributes plain KD. ``mixed`` mode draws from one pool of originals and
@@ -60,8 +62,8 @@ def sample_batch(pairs: Sequence[TrainingPair], config: DistillationConfig, rng:
     """
     if config.mode == "mixed":
         pool = [r for p in pairs for r in (p.original, *p.counterfactuals)]
-        return [rng.choice(pool) for _ in range(config.batch_size)], None
-    chosen = [rng.choice(pairs) for _ in range(config.batch_size)]
+        return [rng.choice(pool) for _ in range(size)], None
+    chosen = [rng.choice(pairs) for _ in range(size)]
     originals = [p.original for p in chosen]
     if config.lam >= 1.0:
         return originals, None
@@ -102,6 +104,71 @@ def make_optimizer(model: torch.nn.Module, config: DistillationConfig):
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def split_validation(pairs: Sequence[TrainingPair], fraction: float, limit: int
+                     ) -> tuple[list[TrainingPair], list[TrainingPair]]:
+    """(train, validation): a pair goes to validation by a hash of its id, so the split is the
+    same on every worker and every rerun, and adding records never moves old ones."""
+    def bucket(pair: TrainingPair) -> float:
+        return int(hashlib.sha1(pair.original.id.encode()).hexdigest()[:8], 16) / 16**8
+
+    validation = [p for p in pairs if bucket(p) < fraction][:limit]
+    held = {p.original.id for p in validation}
+    return [p for p in pairs if p.original.id not in held], validation
+
+
+def by_length(tokenizer, originals: list[Record], counterfactuals: list[Record] | None
+              ) -> tuple[list[Record], list[Record] | None]:
+    """Sort a step's pairs by rendered length so each micro-batch pads to similar rows."""
+    length = [len(tokenizer(r.instruction + r.response)["input_ids"]) for r in originals]
+    order = sorted(range(len(originals)), key=length.__getitem__)
+    return [originals[i] for i in order], None if counterfactuals is None else [counterfactuals[i] for i in order]
+
+
+def accumulate_gradients(student, teacher, tokenizer, originals: list[Record], counterfactuals: list[Record] | None,
+                         config: DistillationConfig, vocab: int) -> tuple[float, dict[str, float]]:
+    """Forward+backward of one optimizer step's batch in ``grad_accum`` micro-batches.
+
+    Under DDP only the last micro-batch synchronises gradients (``no_sync`` on the others).
+    Returns the step's mean loss and its branches.
+    """
+    micro = len(originals) // config.grad_accum
+    autocast = torch.autocast(next(student.parameters()).device.type, dtype=torch.bfloat16,
+                              enabled=config.bf16_autocast)
+    if config.grad_accum > 1:
+        originals, counterfactuals = by_length(tokenizer, originals, counterfactuals)
+    total, parts_sum = 0.0, {}
+    for index, lo in enumerate(range(0, len(originals), micro)):
+        last = index == config.grad_accum - 1
+        sync = nullcontext() if last or not hasattr(student, "no_sync") else student.no_sync()
+        with sync:
+            with autocast:
+                cf = None if counterfactuals is None else encode_records(tokenizer, counterfactuals[lo:lo + micro])
+                loss, parts = hybrid_loss(student, teacher, encode_records(tokenizer, originals[lo:lo + micro]),
+                                          cf, config, vocab)
+            (loss / config.grad_accum).backward()
+        total += loss.item() / config.grad_accum
+        for key, value in parts.items():
+            parts_sum[key] = parts_sum.get(key, 0.0) + value / config.grad_accum
+    return total, parts_sum
+
+
+@torch.no_grad()
+def validation_loss(student, teacher, tokenizer, records: Sequence[Record], config: DistillationConfig,
+                    vocab: int, batch_size: int = 64) -> tuple[float, int]:
+    """(summed per-token KD divergence on the original prompts, response tokens counted).
+
+    The original-prompt divergence whatever ``lam`` is, so runs with different ``lam`` are
+    compared on the same quantity; sums so that workers can all-reduce them.
+    """
+    total, tokens = 0.0, 0
+    for lo in range(0, len(records), batch_size):
+        batch = encode_records(tokenizer, records[lo:lo + batch_size])
+        count = int(batch["target_mask"][:, 1:].sum())
+        total += branch_loss(student, teacher, batch, config, vocab).item() * count
+        tokens += count
+    return total, tokens
+
+
 def train_in_process(student, teacher, tokenizer, pairs: Sequence[TrainingPair], config: DistillationConfig,
                      vocab: int, on_eval: Callable[[int], dict[str, float]] | None = None) -> list[dict[str, float]]:
     """Distil on one process: ``max_steps`` optimizer steps of ``batch_size`` pairs.
@@ -114,28 +181,20 @@ def train_in_process(student, teacher, tokenizer, pairs: Sequence[TrainingPair],
     teacher.eval().requires_grad_(False)
     optimizer, schedule = make_optimizer(student, config)
     history: list[dict[str, float]] = []
-    autocast = torch.autocast(next(student.parameters()).device.type, dtype=torch.bfloat16,
-                              enabled=config.bf16_autocast)
     with tqdm(range(1, config.max_steps + 1), desc=f"distill[{config.variant}]", unit="step", mininterval=2.0) as bar:
         for step in bar:
             student.train()
-            originals, counterfactuals = sample_batch(pairs, config, rng)
+            originals, counterfactuals = sample_batch(pairs, config, config.batch_size, rng)
             optimizer.zero_grad(set_to_none=True)
-            micro = config.batch_size // config.grad_accum
-            for lo in range(0, config.batch_size, micro):
-                with autocast:
-                    cf = None if counterfactuals is None else encode_records(tokenizer, counterfactuals[lo:lo + micro])
-                    loss, parts = hybrid_loss(student, teacher, encode_records(tokenizer, originals[lo:lo + micro]),
-                                              cf, config, vocab)
-                (loss / config.grad_accum).backward()
+            loss, parts = accumulate_gradients(student, teacher, tokenizer, originals, counterfactuals, config, vocab)
             torch.nn.utils.clip_grad_norm_(student.parameters(), config.max_grad_norm)
             optimizer.step()
             schedule.step()
-            record = {"step": step, "loss": loss.item(), **parts}
+            record = {"step": step, "loss": loss, **parts}
             if on_eval is not None and (step % config.eval_every == 0 or step == config.max_steps):
                 student.eval()
                 record.update(on_eval(step))
             history.append(record)
-            bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+            bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
     student.eval()
     return history

@@ -12,11 +12,13 @@ from leaf_ray.config import DistillationConfig, PruningConfig
 from leaf_ray.data import Record
 from leaf_ray.distillation import (
     TrainingPair,
+    accumulate_gradients,
     branch_loss,
     encode_records,
     hybrid_loss,
     pair_records,
     sample_batch,
+    split_validation,
     train_in_process,
 )
 from leaf_ray.losses import distill_loss
@@ -42,11 +44,11 @@ def test_pairs_join_counterfactuals_by_source_id():
 
 def test_batches_follow_the_mode():
     pairs = pair_records(ORIGINALS, CFS)
-    originals, cfs = sample_batch(pairs, config(lam=0.5), random.Random(0))
+    originals, cfs = sample_batch(pairs, config(lam=0.5), 64, random.Random(0))
     for o, c in zip(originals, cfs):  # a pair without counterfactuals falls back to its original
         assert c.id.startswith(o.id) and (c is o or c.id == f"{o.id}#cf0")
-    assert sample_batch(pairs, config(lam=1.0), random.Random(0))[1] is None
-    mixed, none = sample_batch(pairs, config(mode="mixed", batch_size=64), random.Random(0))
+    assert sample_batch(pairs, config(lam=1.0), 64, random.Random(0))[1] is None
+    mixed, none = sample_batch(pairs, config(mode="mixed"), 64, random.Random(0))
     assert none is None and {r.id for r in mixed} == {r.id for r in ORIGINALS} | {c["id"] for c in CFS}
 
 
@@ -84,6 +86,38 @@ def test_short_run_moves_the_student_towards_the_teacher(byte_tokenizer, update)
     history = train_in_process(student, teacher, byte_tokenizer, pairs, config(**update), len(byte_tokenizer), held_out)
     assert [h["step"] for h in history if "kl" in h] == [10, 20, 30]
     assert history[-1]["kl"] < 0.5 * before
+
+
+def test_validation_split_is_stable_and_disjoint():
+    pairs = [TrainingPair(Record(f"id-{i}", "q", "a")) for i in range(400)]
+    train, validation = split_validation(pairs, 0.1, limit=1000)
+    assert 20 <= len(validation) <= 60 and len(train) + len(validation) == 400
+    assert not {p.original.id for p in train} & {p.original.id for p in validation}
+    more = pairs + [TrainingPair(Record(f"new-{i}", "q", "a")) for i in range(100)]
+    _, grown = split_validation(more, 0.1, limit=1000)  # new records never move old ones
+    assert {p.original.id for p in validation} <= {p.original.id for p in grown}
+    assert len(split_validation(pairs, 0.1, limit=5)[1]) == 5
+
+
+def test_accumulated_micro_batches_give_the_full_batch_gradient(byte_tokenizer):
+    """Every record has a one-character answer, so each micro-batch mean weighs tokens equally
+    and the accumulated gradient must equal the full batch's (the naive reference)."""
+    teacher = tiny_llama(len(byte_tokenizer), seed=9).requires_grad_(False)
+    student = tiny_llama(len(byte_tokenizer), seed=10)
+    pairs = pair_records(ORIGINALS, CFS)
+    originals = [p.original for p in pairs][:4]
+    cfs = [p.counterfactuals[0] if p.counterfactuals else p.original for p in pairs][:4]
+    vocab = len(byte_tokenizer)
+    loss, _ = hybrid_loss(student, teacher, encode_records(byte_tokenizer, originals),
+                          encode_records(byte_tokenizer, cfs), config(lam=0.3), vocab)
+    loss.backward()
+    reference = [p.grad.clone() for p in student.parameters()]
+    student.zero_grad(set_to_none=True)
+    accumulated, _ = accumulate_gradients(student, teacher, byte_tokenizer, originals, cfs,
+                                          config(lam=0.3, grad_accum=2), vocab)
+    assert accumulated == pytest.approx(loss.item(), rel=1e-5)
+    for p, expected in zip(student.parameters(), reference):
+        torch.testing.assert_close(p.grad, expected, rtol=1e-4, atol=1e-6)
 
 
 def test_control_masks():
