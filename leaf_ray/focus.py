@@ -1,0 +1,134 @@
+"""What a served student attends to: gradient sensitivity of one prompt, per token and per unit.
+
+This backs the serving API's ``/v1/focus``. For a prompt and a response (the student's own
+greedy answer when the caller gives none), the sensitivity of each prompt token is the norm
+of d(response loss)/d(token embedding) -- the same quantity LeaF scores a corpus with
+(:mod:`leaf_ray.scoring`). With a teacher configured, the teacher is scored the same way
+and the LeaF diff, the confounder mask and the spans pruning would cut come back too
+(:mod:`leaf_ray.pruning`), so a user sees which words the student leans on that the
+teacher ignores.
+
+Plain PyTorch; the Serve deployment in ``serve/app.py`` only hands it requests.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from leaf_ray.config import PruningConfig
+from leaf_ray.data import render_sample
+from leaf_ray.detection import load_model
+from leaf_ray.evaluation import greedy_generate
+from leaf_ray.pruning import confounder_mask, find_spans
+from leaf_ray.scoring import (
+    DEFAULT_UNIT_PATTERN,
+    ScoringItem,
+    compare_unit_scores,
+    project_to_units,
+    split_units,
+    token_sensitivity,
+)
+
+
+class FocusError(ValueError):
+    """A request that cannot be scored (too long, nothing to score); the message says why."""
+
+
+@dataclass(frozen=True)
+class PromptSensitivity:
+    """One model's gradient norms over the prompt's tokens, with their character spans in the prompt."""
+
+    spans: list[tuple[int, int]]
+    norms: np.ndarray
+
+
+def _none_if_nan(value: float) -> float | None:
+    return None if math.isnan(value) else float(value)
+
+
+class FocusScorer:
+    """Scores prompts for one student and, optionally, a teacher. Models load once."""
+
+    def __init__(self, student, student_tokenizer, teacher=None, teacher_tokenizer=None, *,
+                 pruning: PruningConfig | None = None, max_length: int = 2048,
+                 max_new_tokens: int = 16, unit_pattern: str = DEFAULT_UNIT_PATTERN):
+        if (teacher is None) != (teacher_tokenizer is None):
+            raise ValueError("a teacher needs its tokenizer, and a tokenizer its teacher")
+        self.student, self.student_tokenizer = student, student_tokenizer
+        self.teacher, self.teacher_tokenizer = teacher, teacher_tokenizer
+        self.pruning = pruning or PruningConfig()
+        self.max_length = max_length
+        self.max_new_tokens = max_new_tokens
+        self.unit_pattern = unit_pattern
+
+    @classmethod
+    def from_paths(cls, student: str, teacher: str | None = None, *, dtype: str = "float32",
+                   device: str = "auto", **options: Any) -> FocusScorer:
+        student_model, student_tokenizer = load_model(student, dtype, device)
+        teacher_model, teacher_tokenizer = load_model(teacher, dtype, device) if teacher else (None, None)
+        return cls(student_model, student_tokenizer, teacher_model, teacher_tokenizer, **options)
+
+    def prompt_sensitivity(self, model, tokenizer, prompt: str, response: str) -> PromptSensitivity:
+        """Gradient norm of every prompt token for the loss of ``response`` (instruction-level LeaF scoring)."""
+        rendered = render_sample(tokenizer, prompt, response)
+        if len(rendered.input_ids) > self.max_length:
+            raise FocusError(f"prompt and response take {len(rendered.input_ids)} tokens, "
+                             f"more than the {self.max_length} allowed")
+        item = ScoringItem.instruction_level(rendered)
+        if not item.context_tokens or not [t for t in item.target_tokens if t > 0]:
+            raise FocusError("nothing to score: the prompt or the response is empty after tokenization")
+        (norms,) = token_sensitivity(model, [item])
+        # Offsets are into the rendered chat text; the prompt starts at `origin` there.
+        origin = rendered.instruction_span[0] - rendered.instruction_shift
+        spans = [(item.offsets[t][0] - origin, item.offsets[t][1] - origin) for t in item.context_tokens]
+        return PromptSensitivity(spans, norms)
+
+    def explain(self, prompt: str, response: str | None = None) -> dict[str, Any]:
+        """Per-token and per-unit sensitivity of ``prompt`` (JSON-ready).
+
+        ``units[i].student`` (and ``teacher``, ``diff``) are min-max normalised over the
+        non-whitespace units, as in the scores files; whitespace units carry ``None``.
+        ``tokens[i].student`` is the raw gradient norm.
+        """
+        if not prompt.strip():
+            raise FocusError("prompt is empty")
+        source = "request"
+        if response is None:
+            (response,) = greedy_generate(self.student, self.student_tokenizer, [prompt], self.max_new_tokens)
+            source = "student"
+        if not response.strip():
+            raise FocusError("response is empty" if source == "request" else
+                             "the student's answer is empty; pass a response to score")
+
+        units = split_units(prompt, self.unit_pattern)
+        student = self.prompt_sensitivity(self.student, self.student_tokenizer, prompt, response)
+        student_units = project_to_units(units, student.spans, student.norms, prompt)
+        if self.teacher is not None:
+            teacher = self.prompt_sensitivity(self.teacher, self.teacher_tokenizer, prompt, response)
+            teacher_units = project_to_units(units, teacher.spans, teacher.norms, prompt)
+        else:  # compare_unit_scores normalises the student the same way; the teacher side is unused
+            teacher_units = student_units
+        scores = compare_unit_scores(prompt, units, teacher_units, student_units)
+
+        out: dict[str, Any] = {
+            "prompt": prompt,
+            "response": response,
+            "response_source": source,
+            "tokens": [{"text": prompt[max(a, 0):max(b, 0)], "start": a, "end": b, "student": float(n)}
+                       for (a, b), n in zip(student.spans, student.norms)],
+            "units": [{"text": u.text, "start": u.start, "end": u.end, "student": _none_if_nan(s)}
+                      for u, s in zip(units, scores.student)],
+            "teacher": self.teacher is not None,
+        }
+        if self.teacher is not None:
+            mask, threshold = confounder_mask(scores, self.pruning)
+            for row, t, d, m in zip(out["units"], scores.teacher, scores.diff, mask):
+                row.update(teacher=_none_if_nan(t), diff=_none_if_nan(d), confounder=bool(m))
+            out["threshold"] = _none_if_nan(threshold)
+            out["spans"] = [{"start": s.start, "end": s.end, "text": prompt[s.start:s.end], "min_diff": s.min_diff}
+                            for s in find_spans(scores, mask)]
+        return out

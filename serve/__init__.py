@@ -1,0 +1,1 @@
+"""Ray Serve application of leaf-ray: `serve run serve/config.yaml` imports serve.app:build_app."""

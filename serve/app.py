@@ -1,0 +1,193 @@
+"""The Serve application: the focused student over an OpenAI-compatible API.
+
+Built on Ray's own LLM serving (``ray.serve.llm``): an ``LLMServer`` deployment runs the
+vLLM engine (the CPU build here, CUDA vLLM on a GPU node), and the HTTP ingress is Ray's
+``OpenAiIngress`` (``/v1/chat/completions`` with streaming, ``/v1/completions``,
+``/v1/models``, ...), composed the way ``build_openai_app`` composes it, with three
+additions:
+
+- ``GET /health``: pings the engine; 503 when it is down. Needs no API key (probes).
+- ``POST /v1/focus``: the student's gradient sensitivity over a prompt (and, with a
+  teacher, the LeaF diff and the spans pruning would cut), from a separate small
+  deployment so that it never competes with generation for the engine.
+- an API-key check in front of everything else: with ``api_key_env`` or ``api_key_file``
+  set, a request without ``Authorization: Bearer <key>`` gets 401 before its body is read.
+
+``serve run serve/config.yaml`` calls :func:`build_app` with the config's ``args``: the
+fields of :class:`leaf_ray.config.ServingConfig`.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastapi import HTTPException, status
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
+from ray.llm._internal.serve.core.ingress.ingress import DEFAULT_ENDPOINTS, init
+from ray.serve import Application
+from ray.serve.handle import DeploymentHandle
+from ray.serve.llm import LLMConfig, build_llm_deployment
+from ray.serve.llm.ingress import OpenAiIngress, make_fastapi_ingress
+from starlette.responses import JSONResponse
+
+from leaf_ray.config import ServingConfig
+from leaf_ray.focus import FocusError, FocusScorer
+
+# Routes that answer without an API key: liveness / readiness probes.
+OPEN_PATHS = frozenset({"/health"})
+
+
+@dataclass(frozen=True)
+class ApiKeySource:
+    """Where the bearer token lives. Only the names travel with the app; each replica reads
+    the secret itself, so it never enters the pickled application or Serve's checkpoints."""
+
+    env: str | None = None
+    file: str | None = None
+
+    def read(self) -> str | None:
+        """The key, or None when no auth is configured. A configured but missing key is an
+        error: a server that silently runs open is worse than one that does not start."""
+        if self.env:
+            key = os.environ.get(self.env, "").strip()
+            if not key:
+                raise RuntimeError(f"api_key_env: environment variable {self.env} is unset or empty")
+            return key
+        if self.file:
+            try:
+                key = Path(self.file).read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise RuntimeError(f"api_key_file: cannot read {self.file}: {exc}") from None
+            if not key:
+                raise RuntimeError(f"api_key_file: {self.file} is empty")
+            return key
+        return None
+
+
+class BearerTokenMiddleware:
+    """ASGI middleware: 401 unless ``Authorization: Bearer <key>``. It runs before routing,
+    so an unauthenticated request is never parsed and nothing reaches the engine."""
+
+    def __init__(self, app, source: ApiKeySource):
+        self.app = app
+        key = source.read()
+        self.expected = None if key is None else f"Bearer {key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and self.expected is not None and scope["path"] not in OPEN_PATHS:
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                response = JSONResponse(
+                    {"error": {"message": "missing or invalid API key: send 'Authorization: Bearer <key>'",
+                               "type": "AuthenticationError", "code": 401}},
+                    status_code=status.HTTP_401_UNAUTHORIZED, headers={"WWW-Authenticate": "Bearer"})
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+class FocusRequest(BaseModel):
+    """Body of ``POST /v1/focus``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(None, description="Served model id; the only model when omitted.")
+    prompt: str = Field(..., min_length=1, description="The user message to explain.")
+    response: str | None = Field(None, description="Answer whose loss is differentiated; the student's own "
+                                                   "greedy answer when omitted.")
+
+
+@serve.deployment(max_ongoing_requests=4)
+class FocusDeployment:
+    """Holds a transformers copy of the student (and the teacher, if any) for /v1/focus."""
+
+    def __init__(self, config: ServingConfig):
+        dtype = "float32" if config.dtype == "auto" else config.dtype
+        self.scorer = FocusScorer.from_paths(config.model, config.teacher, dtype=dtype, pruning=config.pruning,
+                                             max_length=config.max_model_len)
+
+    def explain(self, prompt: str, response: str | None) -> dict:
+        return self.scorer.explain(prompt, response)
+
+
+class LeafIngress(OpenAiIngress):
+    """Ray's OpenAI ingress plus ``/health`` and ``/v1/focus``."""
+
+    def __init__(self, llm_deployments: dict[str, DeploymentHandle], model_cards: dict, *,
+                 focus: DeploymentHandle | None, api_key: ApiKeySource, **kwargs):
+        api_key.read()  # fail the deployment now, not every request later, when the key is missing
+        super().__init__(llm_deployments, model_cards, **kwargs)
+        self._focus = focus
+
+    async def health(self) -> JSONResponse:
+        for model_id, handle in self._default_serve_handles.items():
+            try:
+                await handle.check_health.remote()
+            except Exception as exc:  # any failure of the engine's own check means "not ready"
+                raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE,
+                                    f"engine for {model_id!r} is unhealthy: {exc}") from None
+        return JSONResponse({"status": "ok", "models": list(self._model_cards)})
+
+    async def focus(self, body: FocusRequest) -> JSONResponse:
+        model_id = await self._get_model_id(body.model)  # 404 for an unknown model, as generation does
+        if self._focus is None:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, "/v1/focus is off (focus: false in the serving config)")
+        try:
+            result = await self._focus.explain.remote(body.prompt, body.response)
+        except FocusError as exc:
+            # The handle re-raises the replica's error inside a RayTaskError (which also subclasses
+            # FocusError); its `cause` is the original, whose message is meant for the caller.
+            raise HTTPException(status.HTTP_400_BAD_REQUEST, str(getattr(exc, "cause", exc))) from None
+        return JSONResponse({"model": model_id, **result})
+
+
+LEAF_ENDPOINTS = {
+    **DEFAULT_ENDPOINTS,
+    "health": lambda app: app.get("/health"),
+    "focus": lambda app: app.post("/v1/focus"),
+}
+
+
+def llm_config_for(config: ServingConfig) -> LLMConfig:
+    """The Ray Serve LLM config of the engine deployment."""
+    on_gpu = config.resources.num_gpus > 0
+    bundle = {"CPU": config.resources.num_cpus, **({"GPU": config.resources.num_gpus} if on_gpu else {})}
+    return LLMConfig(
+        model_loading_config={"model_id": config.model_id, "model_source": config.model},
+        accelerator_config={"kind": "gpu" if on_gpu else "cpu"},
+        placement_group_config={"bundle_per_worker": bundle},
+        engine_kwargs={"max_model_len": config.max_model_len, "dtype": config.dtype,
+                       "gpu_memory_utilization": config.gpu_memory_utilization},
+        deployment_config={"autoscaling_config": {
+            "min_replicas": config.min_replicas, "max_replicas": config.max_replicas,
+            "target_ongoing_requests": config.target_ongoing_requests}},
+    )
+
+
+def build_app(args: dict) -> Application:
+    """The application for ``serve run`` / ``serve deploy``; ``args`` are ServingConfig fields
+    (a pydantic ValidationError names each bad field)."""
+    config = ServingConfig.model_validate(args)
+    llm_config = llm_config_for(config)
+    api_key = ApiKeySource(config.api_key_env, config.api_key_file)
+
+    focus = None
+    if config.focus:
+        focus = FocusDeployment.options(ray_actor_options={
+            "num_cpus": config.focus_resources.num_cpus, "num_gpus": config.focus_resources.num_gpus,
+        }).bind(config)
+
+    app = init()  # Ray's FastAPI app with its OpenAI error handling
+    app.add_middleware(BearerTokenMiddleware, source=api_key)  # added last, so it runs first
+    ingress_cls = make_fastapi_ingress(LeafIngress, endpoint_map=LEAF_ENDPOINTS, app=app)
+    return serve.deployment(ingress_cls, **LeafIngress.get_deployment_options([llm_config])).bind(
+        llm_deployments={config.model_id: build_llm_deployment(llm_config)},
+        model_cards={config.model_id: to_model_metadata(config.model_id, llm_config)},
+        focus=focus,
+        api_key=api_key,
+    )
