@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-cpu
 
-.PHONY: install demo test bench reproduce clean
+.PHONY: install demo stop test bench reproduce clean
 
 install: $(STAMP)
 
@@ -21,15 +21,26 @@ $(STAMP): pyproject.toml
 	$(PY) -c "import torch, transformers.models.llama, ray, vllm; print('installed: torch', torch.__version__, '| ray', ray.__version__, '| vllm', vllm.__version__)"
 	touch $(STAMP)
 
+# The pipeline as a Ray job on a local cluster started for it (8 logical CPUs: vLLM's engine, the
+# Serve ingress, the scoring actor and the Train worker each reserve some). The cluster stays up
+# afterwards, serving the LeaF student; `make stop` shuts it down.
+RAY_ENV := PATH=$(CURDIR)/$(VENV)/bin:$$PATH RAY_AUTH_MODE=token
 demo: $(STAMP)
-	$(VENV)/bin/leaf-ray demo --config configs/demo.yaml
+	$(RAY_ENV) ray status >/dev/null 2>&1 || $(RAY_ENV) ray start --head --num-cpus 8 --disable-usage-stats
+	$(RAY_ENV) ray job submit --working-dir . -- python jobs/pipeline.py --config configs/demo.yaml --run-dir $(CURDIR)/runs/demo
 
+stop:
+	$(RAY_ENV) ray stop --force
+
+# RAY_ADDRESS=local: the tests start their own clusters even when `make demo` left one running.
 test: $(STAMP)
-	$(PY) -m pytest tests
+	RAY_ADDRESS=local $(PY) -m pytest tests
 
 # Throughput benchmarks: baseline and ours side by side, JSON into benchmarks/results/.
 bench: $(STAMP)
 	$(PY) benchmarks/bench_scoring.py
+	$(PY) benchmarks/bench_distill.py
+	$(PY) benchmarks/bench_serve.py
 
 # The embedded benchmark's distillation variants and controls, 3 seeds (about 45 minutes on 2 cores).
 reproduce: $(STAMP)

@@ -83,7 +83,7 @@ def demo(config: Annotated[Path, typer.Option(help="Pipeline config.")] = Path("
 
 @app.command()
 def score(config: Annotated[Path, typer.Option(help="Pipeline config with 'scoring' and 'pruning' sections.")]) -> None:
-    """Score and prune a corpus with Ray Data (resumable); the same as jobs/score.py."""
+    """Score and prune a corpus with Ray Data (resumable), then verify if configured; as jobs/score.py."""
     import ray
 
     from leaf_ray.distributed.scoring import run_scoring
@@ -91,6 +91,98 @@ def score(config: Annotated[Path, typer.Option(help="Pipeline config with 'scori
     cfg = _load(config, PipelineConfig)
     ray.init()
     typer.echo(json.dumps(run_scoring(cfg), indent=2))
+    if cfg.verification is not None:
+        from leaf_ray.distributed.verify import run_verification
+
+        typer.echo(json.dumps(run_verification(cfg), indent=2))
+
+
+@app.command()
+def run(config: Annotated[Path, typer.Option(help="Pipeline config.")] = Path("configs/demo.yaml"),
+        run_dir: Annotated[str | None, typer.Option(help="Override the config's run_dir.")] = None) -> None:
+    """The whole pipeline on Ray (resumable): score, distil, evaluate, serve, report; as jobs/pipeline.py."""
+    import ray
+
+    from leaf_ray.pipeline import closing_message, relocate, run_pipeline
+
+    cfg = _load(config, PipelineConfig)
+    if run_dir:
+        cfg = relocate(cfg, run_dir)
+    ray.init()
+    typer.echo(closing_message(cfg, run_pipeline(cfg, str(config))))
+
+
+@app.command()
+def distill(config: Annotated[Path, typer.Option(help="Pipeline config with a 'distillation' section.")]) -> None:
+    """Distil the student with Ray Train (resumable); the same as jobs/distill.py."""
+    import ray
+
+    from leaf_ray.distributed.distill import run_distillation
+
+    cfg = _load(config, PipelineConfig)
+    if cfg.distillation is None:
+        raise typer.BadParameter(f"{config} has no 'distillation' section", param_hint="--config")
+    ray.init()
+    typer.echo(json.dumps(run_distillation(cfg.distillation, name=f"{cfg.name}-{cfg.distillation.variant}"),
+                          indent=2, default=str))
+
+
+@app.command("serve")
+def serve_model(
+    model: Annotated[Path, typer.Option(help="Model directory to serve (a distillation export, or assets/embedded/student).")],
+    config: Annotated[Path | None, typer.Option(
+        help="Ray Serve config; its first application's args are ServingConfig fields. Default: serve/config.yaml.")] = None,
+    port: Annotated[int | None, typer.Option(help="HTTP port; default: the config's http_options.port.")] = None,
+) -> None:
+    """Serve a model locally over the OpenAI API (Ray Serve LLM + vLLM) with /v1/focus; Ctrl-C stops it."""
+    import os
+    import signal
+    import sys
+    import time
+
+    import ray
+    import yaml
+    from ray import serve
+    from ray.job_config import JobConfig
+
+    repo = Path(__file__).resolve().parents[1]  # holds the serve/ package
+    deploy = yaml.safe_load((config or repo / "serve" / "config.yaml").read_text(encoding="utf-8"))
+    application = deploy["applications"][0]
+    args = {**application.get("args", {}), "model": str(model.resolve())}
+    # Replicas need not run in this directory: relative local paths become absolute.
+    if args.get("teacher") and Path(args["teacher"]).exists():
+        args["teacher"] = str(Path(args["teacher"]).resolve())
+    try:
+        cfg = ServingConfig.model_validate(args)
+    except ValueError as exc:
+        typer.echo(f"invalid serving args: {exc}", err=True)
+        raise typer.Exit(2) from None
+    http = {**deploy.get("http_options", {}), **({"port": port} if port else {})}
+
+    sys.path.insert(0, str(repo))
+    from serve.app import build_app
+
+    # The engine replica, the ingress and /v1/focus each reserve logical CPUs; a 2-core box has
+    # too few, so Ray gets at least 8 (only the engine and /v1/focus requests do real work).
+    ray.init(num_cpus=max(os.cpu_count() or 1, 8), job_config=JobConfig(code_search_path=[str(repo)]))
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a supervisor's stop shuts down cleanly too
+    try:
+        serve.start(http_options=http)
+        serve.run(build_app(cfg.model_dump()), name=application.get("name", "leaf"),
+                  route_prefix=application.get("route_prefix", "/"))
+        url = f"http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}"
+        auth = " -H \"Authorization: Bearer $KEY\"" if cfg.api_key_env or cfg.api_key_file else ""
+        body = json.dumps({"model": cfg.model_id, "max_tokens": 8, "messages": [
+            {"role": "user", "content": "ann has 3 . ann gets 4 more . how many does ann have ?"}]})
+        typer.echo(f"\nserving {cfg.model} as {cfg.model_id!r} at {url}/v1 (Ctrl-C stops)\n"
+                   f"curl {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} -d '{body}'")
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        typer.echo("shutting down")
+    finally:
+        serve.shutdown()
+        ray.shutdown()
 
 
 @bench_app.command("build")
@@ -163,7 +255,7 @@ def evaluate(
         CHECKERS,
         answer_accuracy,
         attention_mass,
-        detection_prf,
+        grade_detection,
         greedy_generate,
         vllm_generate,
     )
@@ -193,16 +285,27 @@ def evaluate(
 
             rows = (pq.read_table(scores).to_pylist() if scores.suffix == ".parquet"
                     else [json.loads(line) for line in scores.read_text().splitlines() if line.strip()])
-            meta = {r["id"]: r["meta"] for r in records}
-            graded = [(list(zip(row["unit_start"], row["unit_end"], row["unit_text"])), row["masked"], meta[row["id"]])
-                      for row in rows if row["id"] in meta and row.get("level", "instruction") == "instruction"]
-            entry["detection"] = {part: vars(detection_prf(graded, part)) for part in ("clause", "number")}
+            entry["detection"] = grade_detection(rows, {r["id"]: r["meta"] for r in records})
         report["files"][str(path)] = entry
     if output:  # the full report, with every prediction
         output.write_text(json.dumps(report, indent=2) + "\n")
     for entry in report["files"].values():
         entry.pop("predictions")
     typer.echo(json.dumps(report, indent=2))
+
+
+@app.command()
+def report(run_dir: Annotated[Path, typer.Argument(help="Run directory holding report.json.")]) -> None:
+    """Re-render RUN_DIR/report.html from RUN_DIR/report.json."""
+    from leaf_ray.report import render_html
+
+    source = run_dir / "report.json"
+    if not source.is_file():
+        typer.echo(f"{source}: no such file; run the pipeline first", err=True)
+        raise typer.Exit(2)
+    target = run_dir / "report.html"
+    target.write_text(render_html(json.loads(source.read_text())), encoding="utf-8")
+    typer.echo(str(target))
 
 
 if __name__ == "__main__":

@@ -35,7 +35,8 @@ class ScoringConfig(StageConfig):
         "instruction", description="Score the instruction (prompt), or a prefix of the reasoning.")
     max_length: int = Field(2048, gt=0, description="Records longer than this (tokens) go to errors/.")
     max_tokens_per_batch: int = Field(8192, gt=0, description="Padded tokens per forward+backward.")
-    padding_side: Literal["left", "right"] = "right"
+    padding_side: Literal["left", "right"] = Field("right",
+        description="Padding side of scoring batches (results do not depend on it).")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     bf16_autocast: bool = Field(
         False, description="bf16 autocast of the forward passes (GPU, and CPUs with AVX512-BF16/AMX).")
@@ -48,7 +49,7 @@ class ScoringConfig(StageConfig):
     prefix_fraction: float = Field(0.5, gt=0, lt=1, description="Response-level: share of steps used as prefix.")
     num_actors: int = Field(1, ge=1, description="Ray Data actor pool size.")
     batch_size: int = Field(64, ge=1, description="Records per Ray Data batch handed to an actor.")
-    resources: ResourcesConfig = ResourcesConfig()
+    resources: ResourcesConfig = Field(ResourcesConfig(), description="Per scoring actor.")
 
 
 class PruningConfig(StageConfig):
@@ -73,52 +74,58 @@ class VerificationConfig(StageConfig):
     data_dir: str = Field(..., description="Output folder of the scoring job.")
     output_dir: str = Field("runs/verify", description="Where originals.jsonl, counterfactuals.jsonl, summary.json go.")
     checker: Literal["exact", "number"] = Field("number", description="How a generated answer is checked.")
-    keep_originals: Literal["all", "teacher_right", "teacher_right_student_wrong"] = "teacher_right_student_wrong"
-    keep_counterfactuals: Literal["all", "student_right"] = "student_right"
+    keep_originals: Literal["all", "teacher_right", "teacher_right_student_wrong"] = Field("teacher_right_student_wrong",
+        description="Which originals are kept for distillation.")
+    keep_counterfactuals: Literal["all", "student_right"] = Field("student_right",
+        description="Which counterfactuals of kept originals are kept.")
     max_tokens: int = Field(16, gt=0, description="Generated tokens per answer.")
-    max_model_len: int = Field(512, gt=0)
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    max_model_len: int = Field(512, gt=0, description="vLLM context length.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="vLLM dtype (float32 on CPU).")
     gpu_memory_utilization: float = Field(0.2, gt=0, le=1, description="0.2 on the CPU build; ~0.9 on a GPU.")
     batch_size: int = Field(64, gt=0, description="Rows per vLLM engine batch.")
     num_engines: int = Field(1, ge=1, description="vLLM engine replicas per model.")
-    resources: ResourcesConfig = ResourcesConfig()
+    resources: ResourcesConfig = Field(ResourcesConfig(), description="Per vLLM engine replica.")
 
 
 class DistillationConfig(StageConfig):
     """Stage 2: causal attention distillation."""
 
-    teacher: str
-    student: str
+    teacher: str = Field(..., description="Teacher model directory (frozen).")
+    student: str = Field(..., description="Student model directory to start from.")
     data_dir: str = Field(..., description="Output folder of the scoring job (scores + counterfactuals).")
     corpus: str | None = Field(None, description="The original records; default: the scoring stage's corpus.")
     output_dir: str = Field("runs/distill", description="Checkpoints (ray_train/) and the exported model/.")
-    variant: Literal["kd", "kd_compute_matched", "leaf", "leaf_instr_resp", "random", "oracle"] = "leaf"
+    variant: Literal["kd", "kd_compute_matched", "leaf", "leaf_instr_resp", "random", "oracle"] = Field("leaf",
+        description="Which student: 'leaf'; controls 'random' / 'oracle' spans; 'kd' variants set lam = 1.")
     mode: Literal["hybrid", "mixed"] = Field(
         "hybrid", description="'hybrid': lam*L(orig)+(1-lam)*L(cf) per pair; 'mixed': one shuffled pool (official).")
     lam: float = Field(0.5, ge=0, le=1, description="Weight of the original-prompt KL; 1.0 is plain KD.")
-    loss: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
-    jsd_beta: float = Field(0.5, gt=0, lt=1)
-    temperature: float = Field(1.0, gt=0)
+    loss: Literal["forward_kl", "reverse_kl", "jsd"] = Field("forward_kl",
+        description="Divergence between teacher and student next-token distributions.")
+    jsd_beta: float = Field(0.5, gt=0, lt=1, description="Mixture weight of the generalised JSD.")
+    temperature: float = Field(1.0, gt=0, description="Softmax temperature; losses are scaled by T^2.")
     loss_chunk_tokens: int = Field(1024, gt=0, description="Response positions per loss chunk.")
-    learning_rate: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    warmup_steps: int = Field(0, ge=0)
-    max_steps: int = Field(1000, gt=0)
+    learning_rate: float = Field(1e-3, gt=0, description="AdamW peak learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps before the cosine decay.")
+    max_steps: int = Field(1000, gt=0, description="Optimizer steps.")
     batch_size: int = Field(64, gt=0, description="Pairs per optimizer step, over all workers.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step (batch_size must divide).")
-    max_grad_norm: float = Field(1.0, gt=0)
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     bf16_autocast: bool = Field(True, description="bf16 autocast of forward passes (GPU, and CPUs with AVX512-BF16).")
-    checkpoint_every: int = Field(200, gt=0)
-    eval_every: int = Field(250, gt=0)
+    checkpoint_every: int = Field(200, gt=0, description="Steps between Ray Train checkpoints (and at the end).")
+    eval_every: int = Field(250, gt=0, description="Steps between validation passes (and at the end).")
     validation_fraction: float = Field(0.05, ge=0, lt=1, description="Share of pairs held out for validation.")
     validation_max_records: int = Field(256, ge=1, description="At most this many validation pairs.")
     checker: Literal["exact", "number"] = Field("number", description="Answer check for validation accuracy.")
     num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP ranks).")
-    use_gpu: bool = False
-    strategy: Literal["ddp", "fsdp"] = "ddp"
-    max_failures: int = Field(2, ge=0)
-    seed: int = 0
-    resources: ResourcesConfig = ResourcesConfig()
+    use_gpu: bool = Field(False, description="Ray Train workers on GPUs (nccl) instead of CPUs (gloo).")
+    strategy: Literal["ddp", "fsdp"] = Field("ddp",
+        description="Data parallelism of the student: 'ddp', or 'fsdp' on GPUs.")
+    max_failures: int = Field(2, ge=0,
+        description="Worker-group restarts from the last checkpoint before the run fails.")
+    seed: int = Field(0, description="Seeds sampling and initialisation; the same seed gives the same run.")
+    resources: ResourcesConfig = Field(ResourcesConfig(), description="Per Ray Train worker.")
 
     @model_validator(mode="after")
     def _batch_divides(self) -> DistillationConfig:
@@ -133,12 +140,14 @@ class ServingConfig(StageConfig):
 
     model: str = Field(..., description="Model directory (or Hugging Face id) to serve.")
     model_id: str = Field("leaf-student", description="Name clients use in the 'model' field.")
-    max_model_len: int = Field(512, gt=0, description="Prompt + completion tokens per request.")
+    max_model_len: int = Field(512, gt=0, description="vLLM context length: prompt + completion tokens; "
+                                                      "longer prompts get a 400.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    min_replicas: int = Field(1, ge=0)
-    max_replicas: int = Field(1, ge=1)
+    min_replicas: int = Field(1, ge=0, description="Autoscaling: fewest engine replicas.")
+    max_replicas: int = Field(1, ge=1, description="Autoscaling: most engine replicas.")
     target_ongoing_requests: int = Field(16, ge=1, description="Autoscaling target per engine replica.")
-    gpu_memory_utilization: float = Field(0.2, gt=0, le=1)
+    gpu_memory_utilization: float = Field(0.2, gt=0, le=1,
+        description="vLLM's memory share for the KV cache (0.2 on the CPU build).")
     resources: ResourcesConfig = Field(
         ResourcesConfig(), description="Per engine replica; num_gpus > 0 runs CUDA vLLM, 0 the CPU build.")
     api_key_env: str | None = Field(None, description="Env var holding the bearer token; unset means no auth.")
@@ -147,7 +156,8 @@ class ServingConfig(StageConfig):
     teacher: str | None = Field(None, description="Teacher model for /v1/focus: adds the LeaF diff and pruned spans.")
     pruning: PruningConfig = Field(PruningConfig(), description="Confounder rule /v1/focus applies with a teacher.")
     focus_resources: ResourcesConfig = Field(ResourcesConfig(), description="Per /v1/focus replica.")
-    port: int = Field(8000, gt=0, lt=65536)
+    port: int = Field(8000, gt=0, lt=65536,
+        description="HTTP port of the local Serve proxy (leaf-ray serve, the pipeline).")
 
     @model_validator(mode="after")
     def _replicas_ordered(self) -> ServingConfig:
@@ -166,8 +176,8 @@ class EvaluationConfig(StageConfig):
     model: str | None = Field(None, description="Model to evaluate; in a pipeline: teacher, student and every variant.")
     data: list[str] = Field(..., min_length=1, description="JSONL test files in the corpus schema, with 'answer'.")
     checker: Literal["exact", "number"] = Field("number", description="'number': first integer matches (the benchmark's).")
-    max_new_tokens: int = Field(8, gt=0)
-    batch_size: int = Field(64, gt=0)
+    max_new_tokens: int = Field(8, gt=0, description="Greedy tokens generated per answer.")
+    batch_size: int = Field(64, gt=0, description="Prompts per generate call.")
     attention: bool = Field(True, description="Attention mass on ground-truth confounders (first data file).")
     samples: int = Field(6, ge=0, description="Scored prompts shown with their pruned spans in the report.")
 
@@ -175,13 +185,13 @@ class EvaluationConfig(StageConfig):
 class ModelRecipe(StageConfig):
     """Shape and training of one embedded Llama (head_dim = hidden / heads must be 64 for vLLM on CPU)."""
 
-    layers: int = Field(..., ge=1)
-    hidden: int = Field(..., ge=64)
-    heads: int = Field(..., ge=1)
-    steps: int = Field(..., ge=1)
-    batch_size: int = Field(64, ge=1)
-    learning_rate: float = Field(1e-3, gt=0)
-    seed: int = 0
+    layers: int = Field(..., ge=1, description="Transformer layers.")
+    hidden: int = Field(..., ge=64, description="Hidden size.")
+    heads: int = Field(..., ge=1, description="Attention heads.")
+    steps: int = Field(..., ge=1, description="Training steps.")
+    batch_size: int = Field(64, ge=1, description="Training batch size.")
+    learning_rate: float = Field(1e-3, gt=0, description="Training learning rate.")
+    seed: int = Field(0, description="Initialisation and data-order seed.")
 
     @model_validator(mode="after")
     def _head_dim_64(self) -> ModelRecipe:
@@ -193,41 +203,50 @@ class ModelRecipe(StageConfig):
 class BenchmarkConfig(StageConfig):
     """The embedded benchmark: data splits, tokenizer, teacher and student, from seeds."""
 
-    output_dir: str = "assets/embedded"
-    families: list[Literal["simple", "hard"]] = ["simple", "hard"]
-    seed: int = 0
-    vocab_size: int = Field(512, ge=300)
+    output_dir: str = Field("assets/embedded", description="Where the benchmark's models and data are written.")
+    families: list[Literal["simple", "hard"]] = Field(["simple", "hard"],
+        description="Task families: 'simple' and 'hard'.")
+    seed: int = Field(0, description="Seeds data generation and training: the build is bitwise reproducible.")
+    vocab_size: int = Field(512, ge=300, description="BPE vocabulary of the local tokenizer.")
     train_records: int = Field(30000, gt=0, description="Per family, for each of the teacher and student pools.")
     student_rho: float = Field(1.0, ge=0, le=1, description="P(distractor = answer) when pre-training the student.")
     distill_rho: float = Field(0.9, ge=0, le=1, description="P(distractor = answer) in the distillation corpus.")
     distill_records: int = Field(2000, gt=0, description="Per family.")
-    test_conflict_records: int = Field(500, gt=0)
-    test_clean_records: int = Field(300, gt=0)
+    test_conflict_records: int = Field(500, gt=0,
+        description="Held-out records where the distractor disagrees with the answer.")
+    test_clean_records: int = Field(300, gt=0, description="Held-out records without distractors.")
     detection_records: int = Field(500, gt=0, description="Distillation records scored for detection F1, per family.")
-    teacher: ModelRecipe = ModelRecipe(layers=4, hidden=256, heads=4, steps=500, seed=0)
-    student: ModelRecipe = ModelRecipe(layers=2, hidden=128, heads=2, steps=300, seed=1)
+    teacher: ModelRecipe = Field(ModelRecipe(layers=4, hidden=256, heads=4, steps=500, seed=0),
+        description="Teacher recipe.")
+    student: ModelRecipe = Field(ModelRecipe(layers=2, hidden=128, heads=2, steps=300, seed=1),
+        description="Student recipe.")
 
 
 class PipelineConfig(StageConfig):
     """The whole run: each stage's settings and where the run lives."""
 
-    name: str = Field("leaf", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    run_dir: str = "runs/leaf"
+    name: str = Field("leaf", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        description="Run name: Ray Train run names and the served model id derive from it.")
+    run_dir: str = Field("runs/leaf",
+        description="Where every stage writes (report.json, report.html, score/, distill/...).")
     benchmark: BenchmarkConfig | None = Field(
         None, description="Build the embedded benchmark first (skipped when its output_dir is complete).")
     variants: list[Literal["kd", "kd_compute_matched", "leaf", "leaf_instr_resp", "random", "oracle"]] = Field(
         ["kd", "leaf"], min_length=1, description="Students the pipeline distils, each from the same config.")
-    scoring: ScoringConfig
-    pruning: PruningConfig = PruningConfig()
-    verification: VerificationConfig | None = None
-    distillation: DistillationConfig | None = None
-    serving: ServingConfig | None = None
-    evaluation: EvaluationConfig | None = None
+    scoring: ScoringConfig = Field(..., description="Stage 1a settings (required).")
+    pruning: PruningConfig = Field(PruningConfig(), description="Stage 1b settings.")
+    verification: VerificationConfig | None = Field(None, description="Optional stage 1c; absent: no vLLM filtering.")
+    distillation: DistillationConfig | None = Field(None,
+        description="Stage 2 settings; absent: the pipeline stops after scoring.")
+    serving: ServingConfig | None = Field(None, description="Serve the LeaF student at the end; absent: no serving.")
+    evaluation: EvaluationConfig | None = Field(None, description="Held-out evaluation and report contents.")
 
     @model_validator(mode="after")
-    def _distil_the_scored_corpus(self) -> PipelineConfig:
+    def _fill_defaults_from_the_run(self) -> PipelineConfig:
         if self.distillation is not None and self.distillation.corpus is None:
             self.distillation.corpus = self.scoring.corpus
+        if self.serving is not None and "model_id" not in self.serving.model_fields_set:
+            self.serving.model_id = self.name  # clients ask for the run by its name
         return self
 
 

@@ -147,6 +147,14 @@ def detection_prf(scored: Sequence[tuple[Sequence[tuple[int, int, str]], Sequenc
     return DetectionReport(precision, recall, f1, flagged / max(len(scored), 1))
 
 
+def grade_detection(score_rows: Sequence[dict[str, Any]], meta_by_id: dict[str, dict[str, Any]]
+                    ) -> dict[str, dict[str, float]]:
+    """Detection P/R/F1 of instruction-level scores rows against their records' ground truth."""
+    graded = [(list(zip(row["unit_start"], row["unit_end"], row["unit_text"])), row["masked"], meta_by_id[row["id"]])
+              for row in score_rows if row["id"] in meta_by_id and row.get("level", "instruction") == "instruction"]
+    return {part: vars(detection_prf(graded, part)) for part in ("clause", "number")}
+
+
 @torch.no_grad()
 def attention_mass(model, tokenizer, records: Sequence[dict[str, Any]], batch_size: int = 32) -> float:
     """Mean attention from the positions that predict the answer onto the confounder clause.

@@ -47,3 +47,29 @@ def test_cross_field_rule_and_bad_yaml(tmp_path):
         load_config(path, ServingConfig)
     with pytest.raises(ConfigError, match="no such config file"):
         load_config(tmp_path / "missing.yaml", ServingConfig)
+
+
+def test_readme_documents_every_config_field():
+    from pathlib import Path
+
+    from leaf_ray import config as C
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("## Configuration"):]
+    for model in (C.PipelineConfig, C.ScoringConfig, C.PruningConfig, C.VerificationConfig, C.DistillationConfig,
+                  C.EvaluationConfig, C.ServingConfig, C.ResourcesConfig, C.BenchmarkConfig, C.ModelRecipe):
+        for name in model.model_fields:
+            assert f"| `{name}` |" in section, f"README does not document {model.__name__}.{name}"
+
+
+def test_pipeline_fills_stage_defaults_from_the_run():
+    from leaf_ray.config import PipelineConfig
+
+    raw = {"name": "exp1", "scoring": {"teacher": "t", "student": "s", "corpus": "c.jsonl"},
+           "distillation": {"teacher": "t", "student": "s", "data_dir": "d"}, "serving": {"model": "m"}}
+    config = PipelineConfig.model_validate(raw)
+    assert config.distillation.corpus == "c.jsonl" and config.serving.model_id == "exp1"
+    raw["serving"]["model_id"] = "chosen"
+    raw["distillation"]["corpus"] = "other.jsonl"
+    config = PipelineConfig.model_validate(raw)
+    assert config.distillation.corpus == "other.jsonl" and config.serving.model_id == "chosen"

@@ -170,6 +170,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if rank == 0:
             with log.open("a") as handle:
                 handle.write(json.dumps(metrics) + "\n")
+        # ray.train.report is a round trip to the controller (about a second here): report
+        # at validation and checkpoint steps only; every step is in the metrics log.
         if step % config.checkpoint_every == 0 or last:
             with tempfile.TemporaryDirectory() as folder:
                 if rank == 0:
@@ -178,7 +180,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     torch.save({"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
                                 "step": step}, Path(folder) / "training_state.pt")
                 ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder) if rank == 0 else None)
-        else:
+        elif "val_loss" in metrics:
             ray.train.report(metrics)
 
 
