@@ -43,7 +43,8 @@ def test_submitted_pipeline_writes_the_report_and_models(cluster, tmp_path):
     assert "succeeded" in job.stdout + job.stderr
 
     report = json.loads((run / "report.json").read_text())
-    assert set(report["accuracy"]) == {"teacher", "student", "kd", "leaf"}
+    assert set(report["accuracy"]) == {"teacher", "student", "kd", "leaf", "leaf_instr_resp"}
+    assert "response-level" in report["accuracy"].pop("leaf_instr_resp")["skipped"]
     for row in report["accuracy"].values():
         assert set(row) == {"test_conflict", "test_clean"} and all(0 <= v <= 1 for v in row.values())
     assert report["accuracy"]["teacher"]["test_conflict"] > 0.9  # the embedded teacher is right
