@@ -114,7 +114,9 @@ class DistillationConfig(StageConfig):
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     bf16_autocast: bool = Field(True, description="bf16 autocast of forward passes (GPU, and CPUs with AVX512-BF16).")
     checkpoint_every: int = Field(200, gt=0, description="Steps between Ray Train checkpoints (and at the end).")
-    eval_every: int = Field(250, gt=0, description="Steps between validation passes (and at the end).")
+    eval_every: int | None = Field(
+        None, gt=0, description="Steps between validation passes (and at the end); default: once per epoch, "
+                                "i.e. every (training pairs / batch_size) steps.")
     validation_fraction: float = Field(0.05, ge=0, lt=1, description="Share of pairs held out for validation.")
     validation_max_records: int = Field(256, ge=1, description="At most this many validation pairs.")
     checker: Literal["exact", "number"] = Field("number", description="Answer check for validation accuracy.")
@@ -126,6 +128,10 @@ class DistillationConfig(StageConfig):
         description="Worker-group restarts from the last checkpoint before the run fails.")
     seed: int = Field(0, description="Seeds sampling and initialisation; the same seed gives the same run.")
     resources: ResourcesConfig = Field(ResourcesConfig(), description="Per Ray Train worker.")
+
+    def validation_interval(self, num_pairs: int) -> int:
+        """Steps between validation passes: ``eval_every``, or one epoch of ``num_pairs``."""
+        return self.eval_every or max(1, num_pairs // self.batch_size)
 
     @model_validator(mode="after")
     def _batch_divides(self) -> DistillationConfig:

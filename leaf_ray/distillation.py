@@ -173,14 +173,15 @@ def train_in_process(student, teacher, tokenizer, pairs: Sequence[TrainingPair],
                      vocab: int, on_eval: Callable[[int], dict[str, float]] | None = None) -> list[dict[str, float]]:
     """Distil on one process: ``max_steps`` optimizer steps of ``batch_size`` pairs.
 
-    ``on_eval(step)`` is called every ``eval_every`` steps and at the end; its metrics are
-    merged into the returned history.
+    ``on_eval(step)`` is called every ``eval_every`` steps (default: each epoch) and at the
+    end; its metrics are merged into the returned history.
     """
     rng = random.Random(config.seed)
     torch.manual_seed(config.seed)
     teacher.eval().requires_grad_(False)
     optimizer, schedule = make_optimizer(student, config)
     history: list[dict[str, float]] = []
+    every = config.validation_interval(len(pairs))
     with tqdm(range(1, config.max_steps + 1), desc=f"distill[{config.variant}]", unit="step", mininterval=2.0) as bar:
         for step in bar:
             student.train()
@@ -191,7 +192,7 @@ def train_in_process(student, teacher, tokenizer, pairs: Sequence[TrainingPair],
             optimizer.step()
             schedule.step()
             record = {"step": step, "loss": loss, **parts}
-            if on_eval is not None and (step % config.eval_every == 0 or step == config.max_steps):
+            if on_eval is not None and (step % every == 0 or step == config.max_steps):
                 student.eval()
                 record.update(on_eval(step))
             history.append(record)

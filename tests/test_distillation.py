@@ -133,3 +133,9 @@ def test_control_masks():
         assert not any(m and u.is_space for u, m in zip(units, control))
         # One random span per detected span, of the same width; random spans may touch or overlap.
         assert 2 <= control.sum() <= 3 and len(find_spans(scores, control)) <= 2
+
+
+def test_validation_runs_each_epoch_unless_told_otherwise():
+    assert config(eval_every=None, batch_size=4).validation_interval(num_pairs=30) == 7
+    assert config(eval_every=None, batch_size=64).validation_interval(num_pairs=30) == 1
+    assert config(eval_every=5).validation_interval(num_pairs=30) == 5

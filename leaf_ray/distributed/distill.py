@@ -139,6 +139,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         schedule.load_state_dict(state["schedule"])
         start = state["step"]
 
+    validate_every = config.validation_interval(len(pairs))
     per_worker = config.batch_size // world
     rng = random.Random(config.seed if world == 1 else f"{config.seed}/{rank}")
     for _ in range(start):  # replay the draws of finished steps: the step is the data position
@@ -164,7 +165,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             failed_once.touch()
             os._exit(1)  # an injected crash: Ray Train restarts the group from the last checkpoint
         last = step == config.max_steps
-        if step % config.eval_every == 0 or last:
+        if step % validate_every == 0 or last:
             model.eval()
             metrics.update(_validate(unwrapped, teacher, tokenizer, validation, config, vocab, rank, world))
         if rank == 0:
