@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 import requests
 
+from leaf_ray.data import iter_records
+
 REPO = Path(__file__).resolve().parents[1]
 STUDENT = REPO / "assets" / "embedded" / "student"
 PROMPTS = REPO / "assets" / "embedded" / "data" / "simple" / "test_conflict.jsonl"
@@ -134,8 +136,7 @@ def main() -> None:
     sys.path.insert(0, str(REPO))
     from serve.app import build_app
 
-    records = [json.loads(line) for line in PROMPTS.read_text().splitlines() if line.strip()]
-    prompts = [r["instruction"] for r in records[:args.requests]]
+    prompts = [r.instruction for r in iter_records(PROMPTS)][:args.requests]
     baseline_prompts = prompts[:args.baseline_requests or args.requests]
     warmup = prompts[:4]
 

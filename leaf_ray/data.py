@@ -248,6 +248,11 @@ def render_prompt(tokenizer, instruction: str) -> str:
     return _render(tokenizer, instruction, None)
 
 
+def prompt_token_ids(tokenizer, instruction: str) -> list[int]:
+    """The token ids of :func:`render_prompt`, as every generator here (transformers, vLLM) gets them."""
+    return tokenizer(render_prompt(tokenizer, instruction), add_special_tokens=False)["input_ids"]
+
+
 def _views(content: str) -> tuple[tuple[str, int], ...]:
     """The ways a template may show ``content``: as is, or trimmed (with the leading cut)."""
     return ((content, 0), (content.strip(), len(content) - len(content.lstrip())))

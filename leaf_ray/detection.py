@@ -18,6 +18,7 @@ from leaf_ray.data import Record, RecordError, render_sample
 from leaf_ray.pruning import confounder_mask, counterfactuals, response_prefix
 from leaf_ray.scoring import (
     ScoringItem,
+    Unit,
     UnitScores,
     compare_unit_scores,
     prepare_for_scoring,
@@ -25,6 +26,23 @@ from leaf_ray.scoring import (
     split_units,
     token_sensitivity,
 )
+
+
+def nan_to_none(value: float) -> float | None:
+    """JSON has no NaN: scores of whitespace units (and undefined thresholds) become null."""
+    return None if np.isnan(value) else float(value)
+
+
+def require_scorable(item: ScoringItem, record_id: str | None = None) -> None:
+    """A sample needs context tokens to score and response tokens for the loss."""
+    if not item.context_tokens or not [i for i in item.target_tokens if i > 0]:
+        raise RecordError("nothing to score: empty context or target after tokenization", record_id=record_id)
+
+
+def context_spans(item: ScoringItem, origin: int) -> list[tuple[int, int]]:
+    """Character spans of the item's context tokens in the scored text, which starts at
+    ``origin`` in the rendered chat text."""
+    return [(item.offsets[t][0] - origin, item.offsets[t][1] - origin) for t in item.context_tokens]
 
 
 @dataclass
@@ -38,7 +56,7 @@ class ScoredRecord:
     def to_row(self, mask: Sequence[bool], threshold: float) -> dict:
         """One row of a scores file (Parquet / JSONL): per-unit lists, NaN as None."""
         def floats(values: np.ndarray) -> list[float | None]:
-            return [None if np.isnan(v) else float(v) for v in values]
+            return [nan_to_none(v) for v in values]
 
         units = self.scores.units
         return {
@@ -46,8 +64,17 @@ class ScoredRecord:
             "unit_text": [u.text for u in units], "unit_start": [u.start for u in units],
             "unit_end": [u.end for u in units], "teacher": floats(self.scores.teacher),
             "student": floats(self.scores.student), "diff": floats(self.scores.diff),
-            "masked": [bool(m) for m in mask], "threshold": None if np.isnan(threshold) else float(threshold),
+            "masked": [bool(m) for m in mask], "threshold": nan_to_none(threshold),
         }
+
+    @classmethod
+    def from_row(cls, row: dict, record: Record) -> ScoredRecord:
+        """The inverse of :meth:`to_row` (without the mask, and the token count as 0)."""
+        units = [Unit(s, e, t) for s, e, t in zip(row["unit_start"], row["unit_end"], row["unit_text"])]
+        teacher, student, diff = (np.array([np.nan if v is None else v for v in row[k]], dtype=float)
+                                  for k in ("teacher", "student", "diff"))
+        scores = UnitScores("".join(row["unit_text"]), units, teacher, student, diff)
+        return cls(record, scores, row["level"], row["text_offset"], 0)
 
 
 @dataclass
@@ -122,9 +149,7 @@ class PairScorer:
                 item = ScoringItem(rendered.input_ids, rendered.offsets,
                                    (max(lo, origin + context[0]), min(hi, origin + context[1])),
                                    (max(lo, origin + target[0]), min(hi, origin + target[1])))
-            if not item.context_tokens or not [i for i in item.target_tokens if i > 0]:
-                raise RecordError("nothing to score: empty context or target after tokenization",
-                                  record_id=record.id)
+            require_scorable(item, record.id)
             items.append(item)
             origins.append(origin + offset)
         return _Prepared(record, text, offset, (items[0], items[1]), (origins[0], origins[1]))
@@ -168,9 +193,7 @@ class PairScorer:
             units = split_units(p.text, self.config.unit_pattern)
             per_model = []
             for m in range(2):
-                item = p.items[m]
-                spans = [(item.offsets[t][0] - p.origins[m], item.offsets[t][1] - p.origins[m])
-                         for t in item.context_tokens]
+                spans = context_spans(p.items[m], p.origins[m])
                 per_model.append(project_to_units(units, spans, raw[m][i], p.text))
             scores = compare_unit_scores(p.text, units, per_model[0], per_model[1])
             scored.append(ScoredRecord(p.record, scores, self.config.level, p.text_offset, len(p.items[1].input_ids)))

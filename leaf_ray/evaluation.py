@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from leaf_ray.data import render_prompt, render_sample
+from leaf_ray.data import prompt_token_ids, render_sample
 
 _NUMBER = re.compile(r"-?\d+")
 
@@ -47,8 +47,7 @@ def greedy_generate(model, tokenizer, instructions: Sequence[str], max_new_token
     outputs: list[str] = []
     starts = range(0, len(instructions), batch_size)
     for start in tqdm(starts, desc="generate", disable=not progress, unit="batch"):
-        prompts = [tokenizer(render_prompt(tokenizer, text), add_special_tokens=False)["input_ids"]
-                   for text in instructions[start:start + batch_size]]
+        prompts = [prompt_token_ids(tokenizer, text) for text in instructions[start:start + batch_size]]
         width = max(map(len, prompts))
         input_ids = torch.full((len(prompts), width), tokenizer.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros_like(input_ids)
@@ -70,8 +69,7 @@ def vllm_generate(model_dir: str, instructions: Sequence[str], max_new_tokens: i
     from vllm import LLM, SamplingParams
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    prompts = [{"prompt_token_ids": tokenizer(render_prompt(tokenizer, text), add_special_tokens=False)["input_ids"]}
-               for text in instructions]
+    prompts = [{"prompt_token_ids": prompt_token_ids(tokenizer, text)} for text in instructions]
     llm = LLM(model=model_dir, dtype="float32", max_model_len=max_model_len,
               gpu_memory_utilization=gpu_memory_utilization, seed=0)
     outputs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=max_new_tokens))

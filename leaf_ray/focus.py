@@ -13,21 +13,21 @@ Plain PyTorch; the Serve deployment in ``serve/app.py`` only hands it requests.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from leaf_ray.config import PruningConfig
-from leaf_ray.data import render_sample
-from leaf_ray.detection import load_model
+from leaf_ray.data import RecordError, prompt_token_ids, render_sample
+from leaf_ray.detection import context_spans, load_model, nan_to_none, require_scorable
 from leaf_ray.evaluation import greedy_generate
 from leaf_ray.pruning import confounder_mask, find_spans
 from leaf_ray.scoring import (
     DEFAULT_UNIT_PATTERN,
     ScoringItem,
     compare_unit_scores,
+    prepare_for_scoring,
     project_to_units,
     split_units,
     token_sensitivity,
@@ -46,10 +46,6 @@ class PromptSensitivity:
     norms: np.ndarray
 
 
-def _none_if_nan(value: float) -> float | None:
-    return None if math.isnan(value) else float(value)
-
-
 class FocusScorer:
     """Scores prompts for one student and, optionally, a teacher. Models load once."""
 
@@ -58,8 +54,9 @@ class FocusScorer:
                  max_new_tokens: int = 16, unit_pattern: str = DEFAULT_UNIT_PATTERN):
         if (teacher is None) != (teacher_tokenizer is None):
             raise ValueError("a teacher needs its tokenizer, and a tokenizer its teacher")
-        self.student, self.student_tokenizer = student, student_tokenizer
-        self.teacher, self.teacher_tokenizer = teacher, teacher_tokenizer
+        self.student, self.student_tokenizer = prepare_for_scoring(student), student_tokenizer
+        self.teacher = None if teacher is None else prepare_for_scoring(teacher)
+        self.teacher_tokenizer = teacher_tokenizer
         self.pruning = pruning or PruningConfig()
         self.max_length = max_length
         self.max_new_tokens = max_new_tokens
@@ -79,13 +76,14 @@ class FocusScorer:
             raise FocusError(f"prompt and response take {len(rendered.input_ids)} tokens, "
                              f"more than the {self.max_length} allowed")
         item = ScoringItem.instruction_level(rendered)
-        if not item.context_tokens or not [t for t in item.target_tokens if t > 0]:
-            raise FocusError("nothing to score: the prompt or the response is empty after tokenization")
+        try:
+            require_scorable(item)
+        except RecordError as exc:
+            raise FocusError(exc.reason) from None
         (norms,) = token_sensitivity(model, [item])
         # Offsets are into the rendered chat text; the prompt starts at `origin` there.
         origin = rendered.instruction_span[0] - rendered.instruction_shift
-        spans = [(item.offsets[t][0] - origin, item.offsets[t][1] - origin) for t in item.context_tokens]
-        return PromptSensitivity(spans, norms)
+        return PromptSensitivity(context_spans(item, origin), norms)
 
     def explain(self, prompt: str, response: str | None = None) -> dict[str, Any]:
         """Per-token and per-unit sensitivity of ``prompt`` (JSON-ready).
@@ -96,6 +94,9 @@ class FocusScorer:
         """
         if not prompt.strip():
             raise FocusError("prompt is empty")
+        prompt_tokens = len(prompt_token_ids(self.student_tokenizer, prompt))
+        if prompt_tokens > self.max_length:  # before generating an answer to it
+            raise FocusError(f"the prompt takes {prompt_tokens} tokens, more than the {self.max_length} allowed")
         source = "request"
         if response is None:
             (response,) = greedy_generate(self.student, self.student_tokenizer, [prompt], self.max_new_tokens)
@@ -120,15 +121,15 @@ class FocusScorer:
             "response_source": source,
             "tokens": [{"text": prompt[max(a, 0):max(b, 0)], "start": a, "end": b, "student": float(n)}
                        for (a, b), n in zip(student.spans, student.norms)],
-            "units": [{"text": u.text, "start": u.start, "end": u.end, "student": _none_if_nan(s)}
+            "units": [{"text": u.text, "start": u.start, "end": u.end, "student": nan_to_none(s)}
                       for u, s in zip(units, scores.student)],
             "teacher": self.teacher is not None,
         }
         if self.teacher is not None:
             mask, threshold = confounder_mask(scores, self.pruning)
             for row, t, d, m in zip(out["units"], scores.teacher, scores.diff, mask):
-                row.update(teacher=_none_if_nan(t), diff=_none_if_nan(d), confounder=bool(m))
-            out["threshold"] = _none_if_nan(threshold)
+                row.update(teacher=nan_to_none(t), diff=nan_to_none(d), confounder=bool(m))
+            out["threshold"] = nan_to_none(threshold)
             out["spans"] = [{"start": s.start, "end": s.end, "text": prompt[s.start:s.end], "min_diff": s.min_diff}
                             for s in find_spans(scores, mask)]
         return out

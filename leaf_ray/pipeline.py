@@ -10,7 +10,6 @@ scoring and distillation stages resume inside themselves too).
 
 from __future__ import annotations
 
-import copy
 import json
 import sys
 import time
@@ -18,12 +17,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from leaf_ray.config import DistillationConfig, PipelineConfig
-from leaf_ray.data import Record, iter_records, write_jsonl
+from leaf_ray.data import iter_records
 from leaf_ray.detection import ScoredRecord
-from leaf_ray.scoring import UnitScores, split_units
 
 class StageClock:
     """Wall time (and whether it was skipped) of each stage, for the report."""
@@ -45,19 +41,6 @@ class StageClock:
 
 # --------------------------------------------------------------------------- distillation data
 
-def scored_records(score_rows: list[dict[str, Any]], records: dict[str, Record]) -> list[ScoredRecord]:
-    """Scores rows read back into :class:`ScoredRecord` objects (instruction level)."""
-    out = []
-    for row in score_rows:
-        text = "".join(row["unit_text"])
-        units = split_units(text)
-        as_array = [np.array([np.nan if v is None else v for v in row[k]], dtype=float)
-                    for k in ("teacher", "student", "diff")]
-        out.append(ScoredRecord(records[row["id"]], UnitScores(text, units, *as_array), row["level"],
-                                row["text_offset"], 0))
-    return out
-
-
 def variant_data(config: PipelineConfig, variant: str) -> str:
     """The folder a variant trains from: the scoring (or verification) output for KD and
     LeaF; for the random and oracle controls, counterfactuals cut from other spans."""
@@ -65,18 +48,18 @@ def variant_data(config: PipelineConfig, variant: str) -> str:
     if variant not in ("random", "oracle"):
         return source
     from leaf_ray.benchmark.reproduce import variant_pairs
-    from leaf_ray.score_store import read_scores
+    from leaf_ray.score_store import is_training_set, read_scores, write_training_set
 
     folder = Path(config.run_dir) / "variants" / variant
-    if (folder / "summary.json").exists():
+    if is_training_set(folder):
         return str(folder)
     records = {r.id: r for r in iter_records(config.scoring.corpus)}
-    rows = [row for row in read_scores(Path(config.scoring.output_dir)) if row["level"] == "instruction"]
-    pairs = variant_pairs(variant, scored_records(rows, records), config.pruning, seed=config.distillation.seed)
-    write_jsonl(folder / "originals.jsonl", [p.original.to_dict() for p in pairs])
-    write_jsonl(folder / "counterfactuals.jsonl",
-                [{**c.to_dict(), "source_id": p.original.id} for p in pairs for c in p.counterfactuals])
-    (folder / "summary.json").write_text(json.dumps({"variant": variant, "pairs": len(pairs)}) + "\n")
+    scored = [ScoredRecord.from_row(row, records[row["id"]])
+              for row in read_scores(Path(config.scoring.output_dir)) if row["level"] == "instruction"]
+    pairs = variant_pairs(variant, scored, config.pruning, seed=config.distillation.seed)
+    write_training_set(folder, [p.original for p in pairs],
+                       [{**c.to_dict(), "source_id": p.original.id} for p in pairs for c in p.counterfactuals],
+                       {"variant": variant, "pairs": len(pairs)})
     return str(folder)
 
 
@@ -230,7 +213,7 @@ def run_pipeline(config: PipelineConfig, config_path: str | None = None) -> dict
             report["serving"] = serve_and_query(config)
 
     report["stages"] = clock.stages
-    write_report(run, copy.deepcopy(report))
+    write_report(run, report)
     return report
 
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from leaf_ray.config import PruningConfig
 from leaf_ray.data import Record
-from leaf_ray.scoring import Unit, UnitScores
+from leaf_ray.scoring import UnitScores
 
 
 def threshold_value(diff: np.ndarray, config: PruningConfig) -> float:

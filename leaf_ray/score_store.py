@@ -24,6 +24,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from leaf_ray.data import Record, iter_records, write_jsonl
+
 OUTPUTS = {"scores": ".parquet", "counterfactuals": ".jsonl", "errors": ".jsonl"}
 
 
@@ -116,6 +118,31 @@ def write_summary(root: Path, before: dict[str, float], wall_s: float, processed
 
 def read_scores(root: Path) -> list[dict[str, Any]]:
     return [row for path in sorted((root / "scores").glob("part-*.parquet")) for row in pq.read_table(path).to_pylist()]
+
+
+def scored_originals(root: Path, corpus: str | Path) -> list[Record]:
+    """The corpus records the scoring run in ``root`` scored (not those that went to errors/)."""
+    scored = {row["id"] for row in read_scores(root)}
+    return [r for r in iter_records(corpus) if r.id in scored]
+
+
+# A training set: originals and the counterfactuals (with ``source_id``) to train on, as the
+# verification stage and the pipeline's control variants write it; summary.json last.
+def write_training_set(folder: Path, originals: list[Record], counterfactuals: list[dict[str, Any]],
+                       summary: dict[str, Any]) -> None:
+    write_jsonl(folder / "originals.jsonl", [r.to_dict() for r in originals])
+    write_jsonl(folder / "counterfactuals.jsonl", counterfactuals)
+    (folder / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def is_training_set(folder: Path) -> bool:
+    return (folder / "originals.jsonl").exists() and (folder / "summary.json").exists()
+
+
+def read_training_set(folder: Path) -> tuple[list[Record], list[dict[str, Any]]]:
+    counterfactuals = folder / "counterfactuals.jsonl"
+    return (list(iter_records(folder / "originals.jsonl")),
+            [json.loads(line) for line in counterfactuals.read_text(encoding="utf-8").splitlines() if line.strip()])
 
 
 def read_jsonl_parts(root: Path, folder: str) -> list[dict[str, Any]]:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from leaf_ray.config import DistillationConfig, PruningConfig
+from leaf_ray.config import DistillationConfig
 from leaf_ray.data import Record
 from leaf_ray.distillation import (
     TrainingPair,

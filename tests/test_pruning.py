@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -110,3 +109,18 @@ def test_response_level_counterfactual_cuts_only_the_prefix():
     assert cf["instruction"] == record.instruction and cf["level"] == "response"
     (start, end), = cf["char_ranges"]
     assert cf["response"] == response[:start] + response[end:] == "Step 1: 7.\nStep 2: add 3 and 4.\nAnswer 7"
+
+
+def test_scores_row_reads_back_into_the_same_scores():
+    from leaf_ray.detection import ScoredRecord
+
+    text = "ann has 3 . note : 7 is lucky ."
+    units = split_units(text)
+    diff = np.array([np.nan if u.is_space else i / 10 for i, u in enumerate(units)])
+    scored = ScoredRecord(Record("r1", text, "3"), UnitScores(text, units, diff / 2, diff / 3, diff), "instruction", 0, 9)
+    mask, threshold = confounder_mask(scored.scores, PruningConfig())
+    back = ScoredRecord.from_row(scored.to_row(mask, threshold), scored.record)
+    assert back.scores.text == text and back.scores.units == units
+    for name in ("teacher", "student", "diff"):
+        np.testing.assert_array_equal(getattr(back.scores, name), getattr(scored.scores, name))
+    assert (back.level, back.text_offset) == ("instruction", 0)

@@ -4,7 +4,6 @@ LLM processor on a real local cluster, checked against transformers greedy decod
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 

@@ -28,7 +28,7 @@ from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, R
 from ray.train.torch import TorchTrainer
 
 from leaf_ray.config import DistillationConfig
-from leaf_ray.data import Record, iter_records
+from leaf_ray.data import Record
 from leaf_ray.distillation import (
     TrainingPair,
     accumulate_gradients,
@@ -38,7 +38,7 @@ from leaf_ray.distillation import (
     split_validation,
     validation_loss,
 )
-from leaf_ray.score_store import read_jsonl_parts, read_scores
+from leaf_ray.score_store import is_training_set, read_jsonl_parts, read_training_set, scored_originals
 
 # Fault injection for recovery tests: set in the driver's environment, the rank-0 worker
 # dies once, at this step.
@@ -51,13 +51,9 @@ def load_pairs(config: DistillationConfig) -> list[TrainingPair]:
     store = Path(config.data_dir)
     if not (store / "summary.json").exists():
         raise FileNotFoundError(f"{store} holds no finished scoring or verification run (no summary.json)")
-    if (store / "originals.jsonl").exists():
-        return pair_records(list(iter_records(store / "originals.jsonl")),
-                            [json.loads(line) for line in (store / "counterfactuals.jsonl").read_text().splitlines()
-                             if line.strip()])
-    scored = {row["id"] for row in read_scores(store)}
-    originals = [r for r in iter_records(config.corpus) if r.id in scored]
-    return pair_records(originals, read_jsonl_parts(store, "counterfactuals"))
+    if is_training_set(store):
+        return pair_records(*read_training_set(store))
+    return pair_records(scored_originals(store, config.corpus), read_jsonl_parts(store, "counterfactuals"))
 
 
 def pair_to_row(pair: TrainingPair) -> dict[str, str]:
@@ -117,7 +113,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     # sampling with replacement, reproducible per rank, with no dependence on how Ray
     # splits blocks between workers.
     def read(name: str) -> list[TrainingPair]:
-        if not loop_config[f"has_{name}"]:
+        if name not in loop_config["datasets"]:
             return []
         return sorted((row_to_pair(r) for r in ray.train.get_dataset_shard(name).iter_rows()),
                       key=lambda p: p.original.id)
@@ -213,11 +209,12 @@ def run_distillation(config: DistillationConfig, name: str) -> dict[str, Any]:
     train, validation = split_validation(pairs, config.validation_fraction, config.validation_max_records)
     if not train:
         raise ValueError(f"no training pairs in {config.data_dir} for corpus {config.corpus}")
+    datasets = {split: ray.data.from_items([pair_to_row(p) for p in rows])
+                for split, rows in (("train", train), ("validation", validation)) if rows}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"distillation": config.model_dump(), "output_dir": str(output),
-                           "has_train": True, "has_validation": bool(validation),
-                           "fail_at_step": int(os.environ.get(FAIL_AT_STEP_ENV, "0"))},
+                           "datasets": list(datasets), "fail_at_step": int(os.environ.get(FAIL_AT_STEP_ENV, "0"))},
         scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
                                      resources_per_worker={"CPU": config.resources.num_cpus,
                                                            **({"GPU": config.resources.num_gpus}
@@ -225,8 +222,7 @@ def run_distillation(config: DistillationConfig, name: str) -> dict[str, Any]:
         run_config=RunConfig(name=name, storage_path=str(output / "ray_train"),
                              failure_config=FailureConfig(max_failures=config.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
-        datasets={name: ray.data.from_items([pair_to_row(p) for p in rows])
-                  for name, rows in (("train", train), ("validation", validation)) if rows},
+        datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=[]),
     )
     result = trainer.fit()

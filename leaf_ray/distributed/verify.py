@@ -19,8 +19,8 @@ import ray
 from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
 from leaf_ray.config import PipelineConfig, VerificationConfig
-from leaf_ray.data import iter_records, render_prompt, write_jsonl
-from leaf_ray.score_store import read_jsonl_parts, read_scores
+from leaf_ray.data import prompt_token_ids, write_jsonl
+from leaf_ray.score_store import read_jsonl_parts, scored_originals, write_training_set
 from leaf_ray.verification import generation_requests, select
 
 
@@ -33,9 +33,7 @@ def generate_answers(model_dir: str, rows: list[dict[str, Any]], config: Verific
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    items = [{"key": row["key"],
-              "tokenized_prompt": tokenizer(render_prompt(tokenizer, row["instruction"]),
-                                            add_special_tokens=False)["input_ids"]} for row in rows]
+    items = [{"key": row["key"], "tokenized_prompt": prompt_token_ids(tokenizer, row["instruction"])} for row in rows]
     resources = config.resources
     bundle = {"CPU": resources.num_cpus, **({"GPU": resources.num_gpus} if resources.num_gpus else {})}
     processor = build_processor(
@@ -66,8 +64,7 @@ def run_verification(pipeline: PipelineConfig) -> dict[str, Any]:
         return json.loads((output / "summary.json").read_text())
     started = time.perf_counter()
     store = Path(config.data_dir)
-    scored = {row["id"] for row in read_scores(store)}
-    originals = [r for r in iter_records(pipeline.scoring.corpus) if r.id in scored]
+    originals = scored_originals(store, pipeline.scoring.corpus)
     counterfactuals = read_jsonl_parts(store, "counterfactuals")
     rows = generation_requests(originals, counterfactuals)
 
@@ -77,11 +74,8 @@ def run_verification(pipeline: PipelineConfig) -> dict[str, Any]:
                if needs_teacher else {})
     selection = select(originals, counterfactuals, student, teacher, config)
 
-    output.mkdir(parents=True, exist_ok=True)
-    write_jsonl(output / "originals.jsonl", [r.to_dict() for r in selection.originals])
-    write_jsonl(output / "counterfactuals.jsonl", selection.counterfactuals)
     write_jsonl(output / "answers.jsonl", [{"key": r["key"], "kind": r["kind"], "student": student[r["key"]],
                                             "teacher": teacher.get(r["key"])} for r in rows])
     summary = {**selection.summary, "wall_s": round(time.perf_counter() - started, 2)}
-    (output / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_training_set(output, selection.originals, selection.counterfactuals, summary)
     return summary
