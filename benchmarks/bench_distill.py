@@ -31,10 +31,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from leaf_ray.config import DistillationConfig, PruningConfig, ScoringConfig
-from leaf_ray.data import iter_records
-from leaf_ray.detection import PairScorer, load_model, score_and_prune
-from leaf_ray.distillation import accumulate_gradients, encode_records, make_optimizer, pair_records, sample_batch
-from leaf_ray.losses import distill_loss
+from leaf_ray.data import encode_for_training as encode_records
+from leaf_ray.data import iter_records, pad_token_id
+from leaf_ray.detection.scorer import PairScorer
+from leaf_ray.distillation.loop import accumulate_gradients, make_optimizer, sample_batch
+from leaf_ray.distillation.losses import distill_loss
+from leaf_ray.distillation.variants import variant_pairs
+from leaf_ray.models import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 EMBEDDED = ROOT / "assets" / "embedded"
@@ -44,7 +47,7 @@ def padded(tokenizer, records, max_length: int) -> dict[str, torch.Tensor]:
     """The official collation: every row right-padded to ``max_length``."""
     batch = encode_records(tokenizer, records)
     pad = max_length - batch["input_ids"].shape[1]
-    return {"input_ids": torch.nn.functional.pad(batch["input_ids"], (0, pad), value=tokenizer.pad_token_id),
+    return {"input_ids": torch.nn.functional.pad(batch["input_ids"], (0, pad), value=pad_token_id(tokenizer)),
             "attention_mask": torch.nn.functional.pad(batch["attention_mask"], (0, pad)),
             "target_mask": torch.nn.functional.pad(batch["target_mask"], (0, pad))}
 
@@ -115,10 +118,9 @@ def loss_peak_bytes(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
 def make_batches(teacher, student, tokenizer, steps: int, batch_size: int, seed: int):
     """LeaF batches from 512 records scored and pruned by the real pipeline."""
     records = list(iter_records(EMBEDDED / "data" / "simple" / "distill.jsonl"))[:512]
-    scoring = ScoringConfig(teacher="t", student="s", corpus="c")
-    _, cfs, _, _ = score_and_prune(PairScorer(teacher, tokenizer, student, tokenizer, scoring), PruningConfig(), records)
-    pairs = pair_records(records, cfs)
-    config = DistillationConfig(teacher="t", student="s", data_dir="d", batch_size=batch_size, lam=0.5)
+    scored, _ = PairScorer(teacher, tokenizer, student, tokenizer, ScoringConfig(corpus="c")).score(records)
+    pairs = variant_pairs("leaf", scored, PruningConfig(), seed)
+    config = DistillationConfig(batch_size=batch_size, lam=0.5)
     rng = random.Random(seed)
     return [sample_batch(pairs, config, batch_size, rng) for _ in range(steps)]
 
@@ -136,7 +138,7 @@ def main() -> None:
     student, _ = load_model(EMBEDDED / "student")
     batches = make_batches(teacher, student, tokenizer, args.steps, args.batch_size, seed=0)
     student.requires_grad_(True).train()
-    config = DistillationConfig(teacher="t", student="s", data_dir="d", batch_size=args.batch_size, lam=0.5)
+    config = DistillationConfig(batch_size=args.batch_size, lam=0.5)
     tokens = sum(real_tokens(tokenizer, o) + real_tokens(tokenizer, c) for o, c in batches)
     vocab = teacher.config.vocab_size
 

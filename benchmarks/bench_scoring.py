@@ -29,12 +29,12 @@ from pathlib import Path
 
 import torch
 
-from leaf_ray.benchmark.tasks import make_split
 from leaf_ray.config import PipelineConfig, PruningConfig, ResourcesConfig, ScoringConfig
 from leaf_ray.data import iter_records, render_sample, write_jsonl
-from leaf_ray.demo import score_corpus
-from leaf_ray.detection import PairScorer, load_model
-from leaf_ray.scoring import ScoringItem
+from leaf_ray.detection.scorer import PairScorer, ScoringBatchProcessor
+from leaf_ray.detection.sensitivity import ScoringItem
+from leaf_ray.models import load_model
+from leaf_ray.synthetic.tasks import make_split
 
 ROOT = Path(__file__).resolve().parents[1]
 EMBEDDED = ROOT / "assets" / "embedded"
@@ -100,8 +100,7 @@ def main() -> None:
     records = list(iter_records(corpus))
     teacher, tokenizer = load_model(EMBEDDED / "teacher")
     student, _ = load_model(EMBEDDED / "student")
-    config = ScoringConfig(teacher=str(EMBEDDED / "teacher"), student=str(EMBEDDED / "student"), corpus=str(corpus),
-                           max_length=512)
+    config = ScoringConfig(corpus=str(corpus), max_length=512)
 
     baseline = {}
     for autocast in (False, True):
@@ -123,15 +122,19 @@ def main() -> None:
         batched["bf16" if autocast else "fp32"] = tokens / wall
     batched_rss = peak_rss_gib()
 
-    job = PipelineConfig(scoring=config.model_copy(update={
-        "bf16_autocast": True, "batch_size": 512, "num_actors": 1, "resources": ResourcesConfig(num_cpus=2)}),
-        pruning=PruningConfig())
+    job = PipelineConfig(teacher=str(EMBEDDED / "teacher"), student=str(EMBEDDED / "student"),
+                         scoring=config.model_copy(update={"bf16_autocast": True, "batch_size": 512, "num_actors": 1,
+                                                           "resources": ResourcesConfig(num_cpus=2)}),
+                         pruning=PruningConfig())
 
     def in_process_job() -> int:
+        """The same batch processor the Ray actor runs, called in a loop here."""
         with tempfile.TemporaryDirectory() as tmp:
-            pipeline = job.model_copy(update={"scoring": job.scoring.model_copy(update={"output_dir": tmp})})
-            summary = score_corpus(PairScorer.from_config(pipeline.scoring), pipeline)["summary"]
-        return summary["tokens"]
+            process = ScoringBatchProcessor(PairScorer.from_paths(job.teacher, job.student, job.scoring),
+                                            job.pruning, tmp)
+            size = job.scoring.batch_size
+            return sum(process([r.id for r in records[lo:lo + size]], records[lo:lo + size])["tokens"]
+                       for lo in range(0, len(records), size))
 
     in_process_wall, job_tokens = timed(in_process_job, args.repeats)
 
@@ -145,8 +148,7 @@ def main() -> None:
 
     def ray_job() -> int:
         with tempfile.TemporaryDirectory() as tmp:
-            pipeline = job.model_copy(update={"scoring": job.scoring.model_copy(update={"output_dir": tmp})})
-            return run_scoring(pipeline)["tokens"]
+            return run_scoring(job.model_copy(update={"run_dir": tmp}))["tokens"]
 
     ray_wall, ray_tokens = timed(ray_job, args.repeats)
     ray.shutdown()

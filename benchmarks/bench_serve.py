@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import platform
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -46,7 +45,7 @@ def naive_deployment():
     from ray import serve
 
     from leaf_ray.data import render_prompt
-    from leaf_ray.detection import load_model
+    from leaf_ray.models import load_model
 
     api = FastAPI()
 
@@ -131,16 +130,14 @@ def main() -> None:
     import transformers
     import vllm
     from ray import serve
-    from ray.job_config import JobConfig
 
-    sys.path.insert(0, str(REPO))
-    from serve.app import build_app
+    from leaf_ray.serving.app import build_app
 
     prompts = [r.instruction for r in iter_records(PROMPTS)][:args.requests]
     baseline_prompts = prompts[:args.baseline_requests or args.requests]
     warmup = prompts[:4]
 
-    ray.init(num_cpus=8, job_config=JobConfig(code_search_path=[str(REPO)]))
+    ray.init(num_cpus=8)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": 8000})
         started = time.perf_counter()
@@ -166,7 +163,7 @@ def main() -> None:
                                 "tokens_per_s")},
         "throughput_ratio_vs_hf": round(ours["tokens_per_s"] / baseline["tokens_per_s"], 2),
         "target_ratio": 3.0,
-        "ours": {"what": "serve/app.py: Ray Serve LLM OpenAI ingress + vLLM (CPU build) LLMServer, 1 replica",
+        "ours": {"what": "leaf_ray/serving/app.py: Ray Serve LLM OpenAI ingress + vLLM (CPU build) LLMServer, 1 replica",
                  "deploy_s": round(deploy_s, 1), **ours},
         "baseline": {"what": "transformers generate, one request at a time (Serve max_ongoing_requests=1), "
                              f"torch threads = {os.cpu_count()}", **baseline},

@@ -4,7 +4,7 @@ evaluate, serve the LeaF student, and write report.html / report.json.
     ray job submit --working-dir . -- python jobs/pipeline.py --config configs/demo.yaml
 
 Rerunning the same command resumes: finished stages are skipped. ``--run-dir`` overrides
-the config's run_dir and every stage folder under it (handy when the job's working
+the config's run_dir, and with it every stage's folder (handy when the job's working
 directory is a temporary copy).
 """
 
@@ -15,7 +15,7 @@ import argparse
 import ray
 
 from leaf_ray.config import PipelineConfig, load_config
-from leaf_ray.pipeline import closing_message, relocate, run_pipeline
+from leaf_ray.distributed.pipeline import closing_message, run_pipeline
 
 
 def main() -> None:
@@ -25,7 +25,7 @@ def main() -> None:
     args = parser.parse_args()
     config = load_config(args.config, PipelineConfig)
     if args.run_dir:
-        config = relocate(config, args.run_dir)
+        config = config.model_copy(update={"run_dir": args.run_dir})
     ray.init()  # joins the cluster of `ray job submit` (RAY_ADDRESS), else starts a local one
     print(closing_message(config, run_pipeline(config, args.config)))
 

@@ -4,7 +4,7 @@ and, when the config has a 'verification' section, answer and filter them with v
     ray job submit --working-dir . -- python jobs/score.py --config configs/demo.yaml
 
 Rerunning the same command after a failure (or after appending data) scores only what is
-not done yet. Outputs: see leaf_ray/score_store.py and leaf_ray/distributed/verify.py.
+not done yet. Outputs: see leaf_ray/detection/store.py and leaf_ray/distributed/verify.py.
 """
 
 from __future__ import annotations

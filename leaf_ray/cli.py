@@ -59,26 +59,17 @@ def validate(
     """Check a config file; print the resolved settings or each bad field."""
     if stage not in STAGES:
         raise typer.BadParameter(f"unknown stage {stage!r}; choose from {', '.join(STAGES)}", param_hint="--stage")
-    typer.echo(_load(config, STAGES[stage]).model_dump_json(indent=2))
+    loaded = _load(config, STAGES[stage])
+    if isinstance(loaded, PipelineConfig) and loaded.distillation is not None:
+        from leaf_ray.distillation.variants import variant_config
 
-
-@app.command()
-def demo(config: Annotated[Path, typer.Option(help="Pipeline config.")] = Path("configs/demo.yaml")) -> None:
-    """Run the LeaF recipe in one process on the embedded default: score, prune, distil (KD and LeaF), evaluate."""
-    from leaf_ray.demo import run_demo
-
-    cfg = _load(config, PipelineConfig)
-    report = run_demo(cfg)
-    summary = report["scoring"]
-    typer.echo(f"\nscored {summary['scored']} records ({summary['errors']} errors), "
-               f"{summary['counterfactuals']} counterfactuals, {summary['this_run']['tokens_per_s']} tokens/s")
-    files = list(next(iter(report["accuracy"].values())))
-    typer.echo(f"{'model':>10} " + " ".join(f"{f:>14}" for f in files))
-    for name, row in report["accuracy"].items():
-        typer.echo(f"{name:>10} " + " ".join(f"{row[f]:>14.3f}" for f in files))
-    typer.echo(f"\nreport: {Path(cfg.run_dir) / 'report.json'}; LeaF student (HF format): "
-               f"{Path(cfg.run_dir) / 'distill' / 'leaf' / 'model'}\n"
-               f"The same scoring on Ray Data: leaf-ray score --config {config}")
+        for variant in loaded.variants:
+            try:
+                variant_config(loaded.distillation, variant)
+            except ValueError as exc:
+                typer.echo(f"{config}: {exc}", err=True)
+                raise typer.Exit(2) from None
+    typer.echo(loaded.model_dump_json(indent=2))
 
 
 @app.command()
@@ -103,50 +94,61 @@ def run(config: Annotated[Path, typer.Option(help="Pipeline config.")] = Path("c
     """The whole pipeline on Ray (resumable): score, distil, evaluate, serve, report; as jobs/pipeline.py."""
     import ray
 
-    from leaf_ray.pipeline import closing_message, relocate, run_pipeline
+    from leaf_ray.distributed.pipeline import closing_message, run_pipeline
 
     cfg = _load(config, PipelineConfig)
     if run_dir:
-        cfg = relocate(cfg, run_dir)
+        cfg = cfg.model_copy(update={"run_dir": run_dir})
     ray.init()
     typer.echo(closing_message(cfg, run_pipeline(cfg, str(config))))
 
 
 @app.command()
-def distill(config: Annotated[Path, typer.Option(help="Pipeline config with a 'distillation' section.")]) -> None:
-    """Distil the student with Ray Train (resumable); the same as jobs/distill.py."""
+def distill(config: Annotated[Path, typer.Option(help="Pipeline config with a 'distillation' section.")],
+            variant: Annotated[str | None, typer.Option(help="Which student; default: distillation.variant.")] = None,
+            ) -> None:
+    """Distil one variant of the student with Ray Train (resumable); the same as jobs/distill.py."""
     import ray
 
-    from leaf_ray.distributed.distill import run_distillation
+    from leaf_ray.distillation.variants import VARIANTS
+    from leaf_ray.distributed.distill import DistillationRun, run_distillation
+    from leaf_ray.distributed.pipeline import training_set
 
     cfg = _load(config, PipelineConfig)
     if cfg.distillation is None:
         raise typer.BadParameter(f"{config} has no 'distillation' section", param_hint="--config")
+    variant = variant or cfg.distillation.variant
+    if variant not in VARIANTS:
+        raise typer.BadParameter(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}",
+                                 param_hint="--variant")
+    try:
+        run = DistillationRun.for_variant(cfg, variant, training_set(cfg, variant))  # before any Ray work
+    except ValueError as exc:
+        typer.echo(f"{config}: {exc}", err=True)
+        raise typer.Exit(2) from None
     ray.init()
-    typer.echo(json.dumps(run_distillation(cfg.distillation, name=f"{cfg.name}-{cfg.distillation.variant}"),
-                          indent=2, default=str))
+    typer.echo(json.dumps(run_distillation(run), indent=2, default=str))
 
 
 @app.command("serve")
 def serve_model(
     model: Annotated[Path, typer.Option(help="Model directory to serve (a distillation export, or assets/embedded/student).")],
     config: Annotated[Path | None, typer.Option(
-        help="Ray Serve config; its first application's args are ServingConfig fields. Default: serve/config.yaml.")] = None,
+        help="Ray Serve config; its first application's args are ServingConfig fields. "
+             "Default: serve/config.yaml when it exists, else ServingConfig's defaults.")] = None,
     port: Annotated[int | None, typer.Option(help="HTTP port; default: the config's http_options.port.")] = None,
 ) -> None:
     """Serve a model locally over the OpenAI API (Ray Serve LLM + vLLM) with /v1/focus; Ctrl-C stops it."""
     import os
     import signal
-    import sys
     import time
 
     import ray
     import yaml
     from ray import serve
-    from ray.job_config import JobConfig
 
-    repo = Path(__file__).resolve().parents[1]  # holds the serve/ package
-    deploy = yaml.safe_load((config or repo / "serve" / "config.yaml").read_text(encoding="utf-8"))
+    deploy = yaml.safe_load((config or Path("serve/config.yaml")).read_text(encoding="utf-8")) if (
+        config or Path("serve/config.yaml").exists()) else {"applications": [{"args": {}}]}
     application = deploy["applications"][0]
     args = {**application.get("args", {}), "model": str(model.resolve())}
     # Replicas need not run in this directory: relative local paths become absolute.
@@ -159,12 +161,11 @@ def serve_model(
         raise typer.Exit(2) from None
     http = {**deploy.get("http_options", {}), **({"port": port} if port else {})}
 
-    sys.path.insert(0, str(repo))
-    from serve.app import build_app
+    from leaf_ray.serving.app import build_app
 
     # The engine replica, the ingress and /v1/focus each reserve logical CPUs; a 2-core box has
     # too few, so Ray gets at least 8 (only the engine and /v1/focus requests do real work).
-    ray.init(num_cpus=max(os.cpu_count() or 1, 8), job_config=JobConfig(code_search_path=[str(repo)]))
+    ray.init(num_cpus=max(os.cpu_count() or 1, 8))
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # a supervisor's stop shuts down cleanly too
     try:
         serve.start(http_options=http)
@@ -192,7 +193,7 @@ def bench_build(
         "benchmarks/results/embedded.json"),
 ) -> None:
     """Generate the data and train tokenizer, teacher and student, deterministically from seeds."""
-    from leaf_ray.benchmark.build import build, embedded_results
+    from leaf_ray.synthetic.build import build, embedded_results
 
     cfg = _load(config, BenchmarkConfig) if config else BenchmarkConfig()
     provenance = build(cfg)
@@ -221,11 +222,10 @@ def bench_reproduce(
     results: Annotated[Path, typer.Option(help="embedded.json to fill in.")] = Path("benchmarks/results/embedded.json"),
 ) -> None:
     """Run the distillation variants and controls on the embedded benchmark; fill in the results table."""
-    from leaf_ray.benchmark.reproduce import reproduce
+    from leaf_ray.synthetic.reproduce import reproduce
 
     base = (_load(distill_config, DistillationConfig) if distill_config else
-            DistillationConfig(teacher=str(embedded / "teacher"), student=str(embedded / "student"),
-                               data_dir=str(embedded / "data"), max_steps=500, eval_every=100))
+            DistillationConfig(max_steps=500, eval_every=100))
     table = reproduce(embedded, families.split(","), variants.split(","), list(range(seeds)), base, PruningConfig())
     summary = json.loads(results.read_text()) if results.exists() else {"families": {}}
     for family, by_variant in table.items():
@@ -251,16 +251,9 @@ def evaluate(
     output: Annotated[Path | None, typer.Option(help="Write the report as JSON here too.")] = None,
 ) -> None:
     """Greedy answer accuracy and copy rate; detection P/R/F1 and attention mass given ground truth."""
-    from leaf_ray.evaluation import (
-        CHECKERS,
-        answer_accuracy,
-        attention_mass,
-        grade_detection,
-        greedy_generate,
-        vllm_generate,
-    )
-    from leaf_ray.detection import load_model
     from leaf_ray.data import iter_records
+    from leaf_ray.evaluation import CHECKERS, answer_accuracy, attention_mass, grade_detection, greedy_generate
+    from leaf_ray.models import load_model
 
     if checker not in CHECKERS:
         raise typer.BadParameter(f"unknown checker {checker!r}; choose from {', '.join(CHECKERS)}", param_hint="--checker")
@@ -269,15 +262,24 @@ def evaluate(
     lm, tokenizer = load_model(model)
     report: dict = {"model": str(model), "files": {}}
     for path in data:
-        records = [r.to_dict() for r in iter_records(path)]
-        if any(r["answer"] is None for r in records):
+        records = list(iter_records(path))
+        if any(r.answer is None for r in records):
             raise typer.BadParameter(f"{path}: every record needs an 'answer' to be evaluated", param_hint="--data")
-        instructions = [r["instruction"] for r in records]
-        predictions = (vllm_generate(str(model), instructions, max_new_tokens) if engine == "vllm" else
-                       greedy_generate(lm, tokenizer, instructions, max_new_tokens, batch_size, progress=True))
-        answers = answer_accuracy(predictions, records, checker)
-        entry = {"n": answers.n, "accuracy": answers.accuracy, "copy_rate": answers.copy_rate,
-                 "predictions": dict(zip((r["id"] for r in records), predictions))}
+        if engine == "vllm":
+            import ray
+
+            from leaf_ray.distributed.generate import vllm_generate
+
+            ray.init(ignore_reinit_error=True)
+            answers = vllm_generate(str(model), {r.id: r.instruction for r in records}, max_tokens=max_new_tokens,
+                                    dtype="float32", batch_size=batch_size)
+            predictions = [answers[r.id] for r in records]
+        else:
+            predictions = greedy_generate(lm, tokenizer, [r.instruction for r in records], max_new_tokens,
+                                          batch_size, progress=True)
+        answers_report = answer_accuracy(predictions, records, checker)
+        entry = {"n": answers_report.n, "accuracy": answers_report.accuracy, "copy_rate": answers_report.copy_rate,
+                 "predictions": dict(zip((r.id for r in records), predictions))}
         if attention:
             entry["attention_mass"] = attention_mass(lm, tokenizer, records)
         if scores is not None:
@@ -285,7 +287,7 @@ def evaluate(
 
             rows = (pq.read_table(scores).to_pylist() if scores.suffix == ".parquet"
                     else [json.loads(line) for line in scores.read_text().splitlines() if line.strip()])
-            entry["detection"] = grade_detection(rows, {r["id"]: r["meta"] for r in records})
+            entry["detection"] = grade_detection(rows, {r.id: r.meta for r in records})
         report["files"][str(path)] = entry
     if output:  # the full report, with every prediction
         output.write_text(json.dumps(report, indent=2) + "\n")

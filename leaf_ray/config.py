@@ -6,11 +6,15 @@ field and the file instead of a silently ignored setting.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+VariantName = Literal["kd", "kd_compute_matched", "leaf", "leaf_instr_resp", "random", "oracle"]
 
 
 class StageConfig(BaseModel):
@@ -27,10 +31,7 @@ class ResourcesConfig(StageConfig):
 class ScoringConfig(StageConfig):
     """Stage 1a: gradient sensitivity of teacher and student."""
 
-    teacher: str = Field(..., description="Teacher model: a local Hugging Face model directory.")
-    student: str = Field(..., description="Student model: a local Hugging Face model directory.")
     corpus: str = Field(..., description="Corpus file (JSONL, JSON array, Parquet) or a folder of them.")
-    output_dir: str = Field("runs/scores", description="Where scores/, counterfactuals/, errors/ go.")
     level: Literal["instruction", "response"] = Field(
         "instruction", description="Score the instruction (prompt), or a prefix of the reasoning.")
     max_length: int = Field(2048, gt=0, description="Records longer than this (tokens) go to errors/.")
@@ -71,8 +72,6 @@ class VerificationConfig(StageConfig):
     that teach something: the teacher right and the student wrong on the original, and
     counterfactuals on which the student gets it right."""
 
-    data_dir: str = Field(..., description="Output folder of the scoring job.")
-    output_dir: str = Field("runs/verify", description="Where originals.jsonl, counterfactuals.jsonl, summary.json go.")
     checker: Literal["exact", "number"] = Field("number", description="How a generated answer is checked.")
     keep_originals: Literal["all", "teacher_right", "teacher_right_student_wrong"] = Field("teacher_right_student_wrong",
         description="Which originals are kept for distillation.")
@@ -90,13 +89,9 @@ class VerificationConfig(StageConfig):
 class DistillationConfig(StageConfig):
     """Stage 2: causal attention distillation."""
 
-    teacher: str = Field(..., description="Teacher model directory (frozen).")
-    student: str = Field(..., description="Student model directory to start from.")
-    data_dir: str = Field(..., description="Output folder of the scoring job (scores + counterfactuals).")
-    corpus: str | None = Field(None, description="The original records; default: the scoring stage's corpus.")
-    output_dir: str = Field("runs/distill", description="Checkpoints (ray_train/) and the exported model/.")
-    variant: Literal["kd", "kd_compute_matched", "leaf", "leaf_instr_resp", "random", "oracle"] = Field("leaf",
-        description="Which student: 'leaf'; controls 'random' / 'oracle' spans; 'kd' variants set lam = 1.")
+    variant: VariantName = Field("leaf",
+        description="Which student (leaf_ray/distillation/variants.py): 'leaf'; KD baselines 'kd' and "
+                    "'kd_compute_matched' (lam = 1); controls 'random' / 'oracle' spans.")
     mode: Literal["hybrid", "mixed"] = Field(
         "hybrid", description="'hybrid': lam*L(orig)+(1-lam)*L(cf) per pair; 'mixed': one shuffled pool (official).")
     lam: float = Field(0.5, ge=0, le=1, description="Weight of the original-prompt KL; 1.0 is plain KD.")
@@ -135,6 +130,7 @@ class DistillationConfig(StageConfig):
 
     @model_validator(mode="after")
     def _batch_divides(self) -> DistillationConfig:
+        # The variants' own rules (lam, batch) are checked by leaf_ray.distillation.variants.variant_config.
         if self.batch_size % (self.grad_accum * self.num_workers):
             raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of grad_accum * num_workers "
                              f"({self.grad_accum} * {self.num_workers})")
@@ -144,7 +140,8 @@ class DistillationConfig(StageConfig):
 class ServingConfig(StageConfig):
     """Serve the student over an OpenAI-compatible API (Ray Serve LLM, vLLM engine), with /v1/focus."""
 
-    model: str = Field(..., description="Model directory (or Hugging Face id) to serve.")
+    model: str | None = Field(None, description="Model directory (or Hugging Face id) to serve; in a pipeline, "
+                                                "default: the run's LeaF student (distill/leaf/model).")
     model_id: str = Field("leaf-student", description="Name clients use in the 'model' field.")
     max_model_len: int = Field(512, gt=0, description="vLLM context length: prompt + completion tokens; "
                                                       "longer prompts get a 400.")
@@ -179,7 +176,6 @@ class ServingConfig(StageConfig):
 class EvaluationConfig(StageConfig):
     """Greedy answer accuracy on held-out files."""
 
-    model: str | None = Field(None, description="Model to evaluate; in a pipeline: teacher, student and every variant.")
     data: list[str] = Field(..., min_length=1, description="JSONL test files in the corpus schema, with 'answer'.")
     checker: Literal["exact", "number"] = Field("number", description="'number': first integer matches (the benchmark's).")
     max_new_tokens: int = Field(8, gt=0, description="Greedy tokens generated per answer.")
@@ -237,7 +233,9 @@ class PipelineConfig(StageConfig):
         description="Where every stage writes (report.json, report.html, score/, distill/...).")
     benchmark: BenchmarkConfig | None = Field(
         None, description="Build the embedded benchmark first (skipped when its output_dir is complete).")
-    variants: list[Literal["kd", "kd_compute_matched", "leaf", "leaf_instr_resp", "random", "oracle"]] = Field(
+    teacher: str = Field(..., description="Teacher model: a local Hugging Face model directory (every stage uses it).")
+    student: str = Field(..., description="Student model to score and distil from: a local Hugging Face model directory.")
+    variants: list[VariantName] = Field(
         ["kd", "leaf"], min_length=1, description="Students the pipeline distils, each from the same config.")
     scoring: ScoringConfig = Field(..., description="Stage 1a settings (required).")
     pruning: PruningConfig = Field(PruningConfig(), description="Stage 1b settings.")
@@ -247,13 +245,51 @@ class PipelineConfig(StageConfig):
     serving: ServingConfig | None = Field(None, description="Serve the LeaF student at the end; absent: no serving.")
     evaluation: EvaluationConfig | None = Field(None, description="Held-out evaluation and report contents.")
 
+    @property
+    def layout(self) -> RunLayout:
+        return RunLayout(Path(self.run_dir))
+
     @model_validator(mode="after")
     def _fill_defaults_from_the_run(self) -> PipelineConfig:
-        if self.distillation is not None and self.distillation.corpus is None:
-            self.distillation.corpus = self.scoring.corpus
         if self.serving is not None and "model_id" not in self.serving.model_fields_set:
             self.serving.model_id = self.name  # clients ask for the run by its name
         return self
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """Every path of a run, derived from ``run_dir``: the contract between the stages.
+
+    score/             the scoring job's store: originals and counterfactuals (a training set),
+                       scores, errors (leaf_ray/detection/store.py)
+    verify/            the kept training set after vLLM verification (optional)
+    variants/<name>/   training sets of the control variants (random, oracle spans)
+    distill/<name>/    Ray Train checkpoints, metrics.jsonl, export.json and the model/ export
+    evaluation.json, report.json, report.html
+    """
+
+    root: Path
+
+    @property
+    def score(self) -> Path:
+        return self.root / "score"
+
+    @property
+    def verify(self) -> Path:
+        return self.root / "verify"
+
+    def variant_data(self, variant: str) -> Path:
+        return self.root / "variants" / variant
+
+    def distill(self, variant: str) -> Path:
+        return self.root / "distill" / variant
+
+    def model(self, variant: str) -> Path:
+        return self.distill(variant) / "model"
+
+    @property
+    def evaluation(self) -> Path:
+        return self.root / "evaluation.json"
 
 
 class ConfigError(ValueError):

@@ -59,6 +59,19 @@ class Record:
         return {"id": self.id, "instruction": self.instruction, "response": self.response,
                 "answer": self.answer, "meta": self.meta}
 
+    @classmethod
+    def from_dict(cls, row: dict[str, Any]) -> Record:
+        """A record from a row we wrote ourselves (provenance columns such as ``source_id`` are dropped)."""
+        return cls(row["id"], row["instruction"], row["response"], row.get("answer"), row.get("meta") or {})
+
+
+@dataclass
+class TrainingPair:
+    """An original record and the counterfactuals cut from it (possibly none): what distillation trains on."""
+
+    original: Record
+    counterfactuals: list[Record] = field(default_factory=list)
+
 
 def parse_record(obj: Any, *, line: int | None = None, source: str | None = None) -> Record:
     """Validate one decoded JSON object (or Parquet row) into a :class:`Record`."""
@@ -220,19 +233,43 @@ class RenderedSample:
         return self.token_indices((self.response_span[0], len(self.text)))
 
 
-def pad_batch(rows: Sequence[Sequence[int]], targets: Sequence[Sequence[int]], pad_id: int) -> dict[str, Any]:
-    """Right-pad token rows; ``target_mask`` marks the listed token indices of each row."""
+def pad_token_id(tokenizer) -> int:
+    """The id padded positions hold. Llama 3 and Gemma-style tokenizers may have no pad token;
+    padded positions are masked out everywhere, so any real id works: EOS, else 0."""
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if candidate is not None:
+            return candidate
+    return 0
+
+
+def pad_batch(rows: Sequence[Sequence[int]], targets: Sequence[Sequence[int]] | None = None, pad_id: int = 0,
+              side: str = "right") -> dict[str, Any]:
+    """Pad token rows to the longest one (the only padder here).
+
+    ``target_mask`` marks the listed token indices of each row; ``offsets[b]`` is where row
+    ``b``'s first token landed (non-zero only with left padding, as generation wants).
+    """
     import torch
 
     width = max(map(len, rows))
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
     target_mask = torch.zeros((len(rows), width), dtype=torch.bool)
-    for i, (ids, tgt) in enumerate(zip(rows, targets)):
-        input_ids[i, : len(ids)] = torch.tensor(list(ids), dtype=torch.long)
-        attention_mask[i, : len(ids)] = 1
-        target_mask[i, list(tgt)] = True
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "target_mask": target_mask}
+    offsets = torch.tensor([width - len(ids) if side == "left" else 0 for ids in rows], dtype=torch.long)
+    for i, ids in enumerate(rows):
+        at = int(offsets[i])
+        input_ids[i, at:at + len(ids)] = torch.tensor(list(ids), dtype=torch.long)
+        attention_mask[i, at:at + len(ids)] = 1
+        if targets is not None:
+            target_mask[i, [at + t for t in targets[i]]] = True
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "target_mask": target_mask,
+            "offsets": offsets}
+
+
+def encode_for_training(tokenizer, records: Sequence[Record]) -> dict[str, Any]:
+    """Right-padded chat renderings of full records, with the completion tokens as targets."""
+    rendered = [render_sample(tokenizer, r.instruction, r.response) for r in records]
+    return pad_batch([x.input_ids for x in rendered], [x.completion_tokens for x in rendered], pad_token_id(tokenizer))
 
 
 def _render(tokenizer, instruction: str, response: str | None) -> str:

@@ -11,12 +11,13 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from leaf_ray.data import prompt_token_ids, render_sample
+from leaf_ray.data import Record, iter_records, pad_batch, pad_token_id, prompt_token_ids, render_sample
 
 _NUMBER = re.compile(r"-?\d+")
 
@@ -42,38 +43,22 @@ CHECKERS: dict[str, Callable[[str, str], bool]] = {"number": check_number, "exac
 @torch.no_grad()
 def greedy_generate(model, tokenizer, instructions: Sequence[str], max_new_tokens: int = 8,
                     batch_size: int = 64, progress: bool = False) -> list[str]:
-    """Greedy completions of the chat prompts for ``instructions`` (left-padded batches)."""
+    """Greedy completions of the chat prompts for ``instructions`` with transformers (left-padded
+    batches). The vLLM twin, from the same token ids, is :mod:`leaf_ray.distributed.generate`."""
     device = next(model.parameters()).device
+    pad_id = pad_token_id(tokenizer)
     outputs: list[str] = []
     starts = range(0, len(instructions), batch_size)
     for start in tqdm(starts, desc="generate", disable=not progress, unit="batch"):
-        prompts = [prompt_token_ids(tokenizer, text) for text in instructions[start:start + batch_size]]
-        width = max(map(len, prompts))
-        input_ids = torch.full((len(prompts), width), tokenizer.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros_like(input_ids)
-        for i, ids in enumerate(prompts):
-            input_ids[i, width - len(ids):] = torch.tensor(ids)
-            attention_mask[i, width - len(ids):] = 1
-        generated = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+        batch = pad_batch([prompt_token_ids(tokenizer, text) for text in instructions[start:start + batch_size]],
+                          pad_id=pad_id, side="left")
+        width = batch["input_ids"].shape[1]
+        generated = model.generate(input_ids=batch["input_ids"].to(device),
+                                   attention_mask=batch["attention_mask"].to(device),
                                    max_new_tokens=max_new_tokens, do_sample=False,
-                                   pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+                                   pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id)
         outputs += tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)
     return outputs
-
-
-def vllm_generate(model_dir: str, instructions: Sequence[str], max_new_tokens: int = 8,
-                  max_model_len: int = 512, gpu_memory_utilization: float = 0.2) -> list[str]:
-    """Greedy completions with a vLLM engine (CUDA, or the CPU build), from the same token ids
-    as :func:`greedy_generate`. Call it under ``if __name__ == "__main__":``: vLLM spawns workers."""
-    from transformers import AutoTokenizer
-    from vllm import LLM, SamplingParams
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    prompts = [{"prompt_token_ids": prompt_token_ids(tokenizer, text)} for text in instructions]
-    llm = LLM(model=model_dir, dtype="float32", max_model_len=max_model_len,
-              gpu_memory_utilization=gpu_memory_utilization, seed=0)
-    outputs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=max_new_tokens))
-    return [o.outputs[0].text for o in outputs]
 
 
 def shortcut_number(meta: dict[str, Any]) -> str | None:
@@ -92,18 +77,34 @@ class AnswerReport:
     predictions: list[str]
 
 
-def answer_accuracy(predictions: Sequence[str], records: Sequence[dict[str, Any]],
-                    checker: str = "number") -> AnswerReport:
+def answer_accuracy(predictions: Sequence[str], records: Sequence[Record], checker: str = "number") -> AnswerReport:
     check = CHECKERS[checker]
-    correct = [check(p, str(r["answer"])) for p, r in zip(predictions, records)]
-    copies = [(extract_number(p) == shortcut_number(r.get("meta") or {}))
-              for p, r in zip(predictions, records) if shortcut_number(r.get("meta") or {}) is not None]
+    correct = [check(p, str(r.answer)) for p, r in zip(predictions, records)]
+    copies = [extract_number(p) == shortcut_number(r.meta)
+              for p, r in zip(predictions, records) if shortcut_number(r.meta) is not None]
     return AnswerReport(
         n=len(records),
         accuracy=sum(correct) / max(len(correct), 1),
         copy_rate=sum(copies) / len(copies) if copies else None,
         predictions=list(predictions),
     )
+
+
+def accuracy(model, tokenizer, records: Sequence[Record], checker: str = "number", max_new_tokens: int = 8,
+             batch_size: int = 64, progress: bool = False) -> AnswerReport:
+    """Greedy answer accuracy of one model on records with answers (the one accuracy loop)."""
+    predictions = greedy_generate(model, tokenizer, [r.instruction for r in records], max_new_tokens,
+                                  batch_size, progress)
+    return answer_accuracy(predictions, records, checker)
+
+
+def evaluate_models(models: dict[str, tuple[Any, Any]], files: Sequence[str | Path], checker: str = "number",
+                    max_new_tokens: int = 8, batch_size: int = 64) -> dict[str, dict[str, float]]:
+    """Accuracy of each ``(model, tokenizer)`` on each test file, keyed by model name and file stem."""
+    tests = {Path(path).stem: list(iter_records(path)) for path in files}
+    return {name: {stem: accuracy(model, tokenizer, records, checker, max_new_tokens, batch_size).accuracy
+                   for stem, records in tests.items()}
+            for name, (model, tokenizer) in models.items()}
 
 
 def confounder_spans(meta: dict[str, Any], part: str = "clause") -> list[tuple[int, int]]:
@@ -154,7 +155,7 @@ def grade_detection(score_rows: Sequence[dict[str, Any]], meta_by_id: dict[str, 
 
 
 @torch.no_grad()
-def attention_mass(model, tokenizer, records: Sequence[dict[str, Any]], batch_size: int = 32) -> float:
+def attention_mass(model, tokenizer, records: Sequence[Record], batch_size: int = 32) -> float:
     """Mean attention from the positions that predict the answer onto the confounder clause.
 
     Teacher-forced on the gold response; averaged over layers, heads, answer positions and
@@ -165,22 +166,17 @@ def attention_mass(model, tokenizer, records: Sequence[dict[str, Any]], batch_si
     device = next(model.parameters()).device
     totals: list[float] = []
     try:
-        usable = [r for r in records if confounder_spans(r.get("meta") or {})]
+        usable = [r for r in records if confounder_spans(r.meta)]
         for start in range(0, len(usable), batch_size):
             batch = usable[start:start + batch_size]
-            rendered = [render_sample(tokenizer, r["instruction"], str(r["response"])) for r in batch]
-            width = max(len(x.input_ids) for x in rendered)
-            input_ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
-            attention_mask = torch.zeros_like(input_ids)
-            for i, x in enumerate(rendered):
-                input_ids[i, : len(x.input_ids)] = torch.tensor(x.input_ids)
-                attention_mask[i, : len(x.input_ids)] = 1
-            attentions = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                               output_attentions=True).attentions
+            rendered = [render_sample(tokenizer, r.instruction, r.response) for r in batch]
+            padded = pad_batch([x.input_ids for x in rendered], pad_id=pad_token_id(tokenizer))
+            attentions = model(input_ids=padded["input_ids"].to(device),
+                               attention_mask=padded["attention_mask"].to(device), output_attentions=True).attentions
             stacked = torch.stack(attentions, dim=1).float().cpu()  # [B, layers, heads, T, T]
             for i, (record, x) in enumerate(zip(batch, rendered)):
                 origin = x.instruction_span[0] - x.instruction_shift
-                keys = sorted({t for a, b in confounder_spans(record["meta"])
+                keys = sorted({t for a, b in confounder_spans(record.meta)
                                for t in x.token_indices((origin + a, origin + b))})
                 queries = [t - 1 for t in x.token_indices(x.response_span) if t > 0]
                 totals.append(stacked[i][:, :, queries][..., keys].sum(-1).mean().item())

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from leaf_ray.tokenizer import train_tokenizer
+from leaf_ray.synthetic.tokenizer import train_tokenizer
 
 CORPUS = [
     "ann has 3 . tom has 5 . ann gets 4 more . the bus left at 7 . how many does ann have ?",

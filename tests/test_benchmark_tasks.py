@@ -9,10 +9,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from leaf_ray.benchmark.tasks import SPLITS, make_split
+from leaf_ray.synthetic.tasks import SPLITS, make_split
 from leaf_ray.data import parse_record
 from leaf_ray.evaluation import shortcut_number
-from leaf_ray.tokenizer import train_tokenizer
+from leaf_ray.synthetic.tokenizer import train_tokenizer
 
 
 @pytest.mark.parametrize("family", ["simple", "hard"])
@@ -90,7 +90,7 @@ def test_byte_level_tokenizer_round_trips_any_utf8(benchmark_tokenizer, text):
 
 def test_random_seeded_records_vary():
     rng = random.Random(0)
-    from leaf_ray.benchmark.tasks import make_record
+    from leaf_ray.synthetic.tasks import make_record
 
     texts = {make_record(rng, "hard", "distill", "x")["instruction"] for _ in range(50)}
     assert len(texts) == 50

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from leaf_ray.config import BenchmarkConfig, ConfigError, PipelineConfig, PruningConfig, ServingConfig, load_config
 
@@ -17,12 +18,12 @@ def test_example_configs_validate(path):
         assert load_config(path, BenchmarkConfig) == BenchmarkConfig(), "configs/benchmark.yaml documents the defaults"
         return
     config = load_config(path, PipelineConfig)
-    assert config.scoring.teacher and config.pruning.quantile_cap <= 1
+    assert config.teacher and config.student and config.pruning.quantile_cap <= 1
 
 
 def test_unknown_key_names_file_and_field(tmp_path):
     path = tmp_path / "bad.yaml"
-    path.write_text("scoring: {teacher: t, student: s, corpus: c, max_lenght: 10}\n")
+    path.write_text("teacher: t\nstudent: s\nscoring: {corpus: c, max_lenght: 10}\n")
     with pytest.raises(ConfigError) as info:
         load_config(path, PipelineConfig)
     message = str(info.value)
@@ -62,14 +63,46 @@ def test_readme_documents_every_config_field():
             assert f"| `{name}` |" in section, f"README does not document {model.__name__}.{name}"
 
 
-def test_pipeline_fills_stage_defaults_from_the_run():
-    from leaf_ray.config import PipelineConfig
+def test_the_run_folder_derives_every_stage_path():
+    raw = {"name": "exp1", "run_dir": "runs/exp1", "teacher": "t", "student": "s", "scoring": {"corpus": "c.jsonl"},
+           "distillation": {}, "serving": {}}
+    config = PipelineConfig.model_validate(raw)
+    layout = config.layout
+    assert (layout.score, layout.verify, layout.evaluation) == (
+        Path("runs/exp1/score"), Path("runs/exp1/verify"), Path("runs/exp1/evaluation.json"))
+    assert layout.model("leaf") == Path("runs/exp1/distill/leaf/model")
+    assert layout.variant_data("oracle") == Path("runs/exp1/variants/oracle")
+    assert config.serving.model is None and config.serving.model_id == "exp1"  # serves the run's LeaF student
+    moved = config.model_copy(update={"run_dir": "/elsewhere"})  # what --run-dir does
+    assert moved.layout.model("kd") == Path("/elsewhere/distill/kd/model")
+    raw["serving"] = {"model_id": "chosen", "model": "m"}
+    config = PipelineConfig.model_validate(raw)
+    assert config.serving.model_id == "chosen" and config.serving.model == "m"
 
-    raw = {"name": "exp1", "scoring": {"teacher": "t", "student": "s", "corpus": "c.jsonl"},
-           "distillation": {"teacher": "t", "student": "s", "data_dir": "d"}, "serving": {"model": "m"}}
-    config = PipelineConfig.model_validate(raw)
-    assert config.distillation.corpus == "c.jsonl" and config.serving.model_id == "exp1"
-    raw["serving"]["model_id"] = "chosen"
-    raw["distillation"]["corpus"] = "other.jsonl"
-    config = PipelineConfig.model_validate(raw)
-    assert config.distillation.corpus == "other.jsonl" and config.serving.model_id == "chosen"
+
+@pytest.mark.parametrize("section, key", [("scoring", "teacher"), ("scoring", "output_dir"),
+                                          ("distillation", "data_dir"), ("distillation", "student")])
+def test_paths_and_models_are_declared_once(tmp_path, section, key):
+    """Stage folders come from run_dir and the models from the top level: repeating them is an error."""
+    path = tmp_path / "old.yaml"
+    raw = {"teacher": "t", "student": "s", "scoring": {"corpus": "c"}, "distillation": {}}
+    raw[section][key] = "x"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match=f"{section}.{key}: Extra inputs"):
+        load_config(path, PipelineConfig)
+
+
+def test_validate_rejects_a_variant_its_section_contradicts(tmp_path):
+    from typer.testing import CliRunner
+
+    from leaf_ray.cli import app
+
+    raw = {"teacher": "t", "student": "s", "scoring": {"corpus": "c"}, "variants": ["kd"],
+           "distillation": {"variant": "kd", "lam": 0.5}}
+    path = tmp_path / "kd.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    result = CliRunner().invoke(app, ["validate", str(path)])
+    assert result.exit_code == 2 and "distillation.lam: variant 'kd' trains with lam = 1.0" in result.output
+    raw["distillation"] = {"lam": 0.5}  # a shared section written for LeaF: kd is normalised, not refused
+    path.write_text(yaml.safe_dump(raw))
+    assert CliRunner().invoke(app, ["validate", str(path)]).exit_code == 0

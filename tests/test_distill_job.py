@@ -12,11 +12,12 @@ import torch
 
 from leaf_ray.config import DistillationConfig, PipelineConfig, ResourcesConfig, ScoringConfig
 from leaf_ray.data import write_jsonl
-from leaf_ray.demo import score_corpus
-from leaf_ray.detection import PairScorer, load_model
-from leaf_ray.distillation import split_validation
-from leaf_ray.distributed.distill import FAIL_AT_STEP_ENV, load_pairs, run_distillation
+from leaf_ray.detection.store import read_training_set
+from leaf_ray.distillation.loop import split_validation
+from leaf_ray.distributed.distill import FAIL_AT_STEP_ENV, DistillationRun, run_distillation
+from leaf_ray.distributed.scoring import run_scoring
 from leaf_ray.evaluation import greedy_generate
+from leaf_ray.models import load_model
 from tests.conftest import EMBEDDED
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow,
@@ -24,37 +25,45 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow,
 
 
 @pytest.fixture(scope="module")
-def scored(tmp_path_factory) -> DistillationConfig:
-    """A 160-record corpus scored in-process (the scoring job is tested elsewhere), and a
-    small 2-worker config over it."""
+def scored(tmp_path_factory) -> DistillationRun:
+    """A 160-record corpus scored by the scoring job, and a small 2-worker run over it."""
     root = tmp_path_factory.mktemp("distill")
     lines = (EMBEDDED / "data" / "simple" / "distill.jsonl").read_text().splitlines()[:160]
     corpus = root / "corpus.jsonl"
     write_jsonl(corpus, [json.loads(line) for line in lines])
-    pipeline = PipelineConfig(scoring=ScoringConfig(teacher=str(EMBEDDED / "teacher"), student=str(EMBEDDED / "student"),
-                                                    corpus=str(corpus), output_dir=str(root / "score"), max_length=128))
-    score_corpus(PairScorer.from_config(pipeline.scoring), pipeline)
+    pipeline = PipelineConfig(run_dir=str(root), teacher=str(EMBEDDED / "teacher"), student=str(EMBEDDED / "student"),
+                              scoring=ScoringConfig(corpus=str(corpus), max_length=128, batch_size=160,
+                                                    resources=ResourcesConfig(num_cpus=1)))
     ray.init(num_cpus=4, include_dashboard=False)
-    yield DistillationConfig(
-        teacher=str(EMBEDDED / "teacher"), student=str(EMBEDDED / "student"), data_dir=str(root / "score"),
-        corpus=str(corpus), output_dir=str(root / "reference"), lam=0.5, learning_rate=1e-3, batch_size=16,
-        max_steps=24, checkpoint_every=8, eval_every=8, num_workers=2, bf16_autocast=False,
-        validation_fraction=0.2, validation_max_records=32, max_failures=1, resources=ResourcesConfig(num_cpus=1))
+    run_scoring(pipeline)
+    config = DistillationConfig(
+        lam=0.5, learning_rate=1e-3, batch_size=16, max_steps=24, checkpoint_every=8, eval_every=8, num_workers=2,
+        bf16_autocast=False, validation_fraction=0.2, validation_max_records=32, max_failures=1,
+        resources=ResourcesConfig(num_cpus=1))
+    yield DistillationRun(config, pipeline.teacher, pipeline.student, data_dir=str(pipeline.layout.score),
+                          output_dir=str(root / "reference"), name="reference")
     ray.shutdown()
 
 
 @pytest.fixture(scope="module")
-def reference(scored: DistillationConfig) -> dict:
-    return run_distillation(scored, name="reference")
+def reference(scored: DistillationRun) -> dict:
+    return run_distillation(scored)
+
+
+def with_output(run: DistillationRun, name: str, **config) -> DistillationRun:
+    return DistillationRun(run.config.model_copy(update=config), run.teacher, run.student, run.data_dir,
+                           str(Path(run.output_dir).parent / name), name)
 
 
 def test_two_workers_lower_the_loss_and_export_a_loadable_model(scored, reference):
     student, tokenizer = load_model(scored.student)
-    _, validation = split_validation(load_pairs(scored), scored.validation_fraction, scored.validation_max_records)
+    config = scored.config
+    _, validation = split_validation(read_training_set(Path(scored.data_dir)), config.validation_fraction,
+                                     config.validation_max_records)
     assert reference["validation_pairs"] == len(validation) > 0
-    assert reference["metrics"]["step"] == scored.max_steps
+    assert reference["metrics"]["step"] == config.max_steps
     history = reference["history"]
-    assert [h["step"] for h in history] == list(range(1, scored.max_steps + 1))
+    assert [h["step"] for h in history] == list(range(1, config.max_steps + 1))
     first, last = (sum(h["loss"] for h in part) / 4 for part in (history[:4], history[-4:]))
     assert last < 0.7 * first, (first, last)
     assert [h["step"] for h in history if "val_loss" in h] == [8, 16, 24]
@@ -75,22 +84,24 @@ def test_two_workers_lower_the_loss_and_export_a_loadable_model(scored, referenc
 
 def test_a_crashed_worker_resumes_from_its_checkpoint_to_the_same_result(scored, reference, monkeypatch):
     monkeypatch.setenv(FAIL_AT_STEP_ENV, "13")  # between the checkpoints of steps 8 and 16
-    config = scored.model_copy(update={"output_dir": str(Path(scored.output_dir).parent / "crashed")})
-    result = run_distillation(config, name="crashed")
-    assert (Path(config.output_dir) / "injected-failure-at-13").exists()
+    run = with_output(scored, "crashed")
+    result = run_distillation(run)
+    assert (Path(run.output_dir) / "injected-failure-at-13").exists()
+    # The restarted attempt began at step 9 (after the step-8 checkpoint), not at step 1.
+    steps = [json.loads(line)["step"] for line in (Path(run.output_dir) / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 13)) + list(range(9, 25)), steps
     assert result["metrics"]["step"] == reference["metrics"]["step"]
     assert result["metrics"]["val_loss"] == pytest.approx(reference["metrics"]["val_loss"], rel=1e-3)
 
 
 def test_rerunning_a_failed_run_resumes_instead_of_starting_over(scored, reference, monkeypatch):
-    config = scored.model_copy(update={"output_dir": str(Path(scored.output_dir).parent / "rerun"),
-                                       "max_failures": 0})
+    run = with_output(scored, "rerun", max_failures=0)
     monkeypatch.setenv(FAIL_AT_STEP_ENV, "20")
     with pytest.raises(Exception):
-        run_distillation(config, name="rerun")
-    assert not (Path(config.output_dir) / "export.json").exists()
+        run_distillation(run)
+    assert not (Path(run.output_dir) / "export.json").exists()
     monkeypatch.delenv(FAIL_AT_STEP_ENV)
-    result = run_distillation(config, name="rerun")
-    assert result["metrics"]["step"] == scored.max_steps
+    result = run_distillation(run)
+    assert result["metrics"]["step"] == scored.config.max_steps
     assert result["metrics"]["val_loss"] == pytest.approx(reference["metrics"]["val_loss"], rel=1e-3)
-    assert run_distillation(config, name="rerun") == result  # finished: the export is kept as it is
+    assert run_distillation(run) == result  # finished: the export is kept as it is

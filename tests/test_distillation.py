@@ -1,7 +1,8 @@
-"""The in-process LeaF distillation core: the hybrid objective, batching, and a short run."""
+"""The LeaF distillation core: the hybrid objective, batching, the one training loop, variants."""
 
 from __future__ import annotations
 
+import json
 import random
 
 import numpy as np
@@ -9,21 +10,21 @@ import pytest
 import torch
 
 from leaf_ray.config import DistillationConfig
-from leaf_ray.data import Record
-from leaf_ray.distillation import (
-    TrainingPair,
+from leaf_ray.data import Record, TrainingPair
+from leaf_ray.data import encode_for_training as encode_records
+from leaf_ray.detection.store import read_training_set
+from leaf_ray.distillation.loop import (
     accumulate_gradients,
     branch_loss,
-    encode_records,
     hybrid_loss,
-    pair_records,
     sample_batch,
     split_validation,
-    train_in_process,
+    train,
 )
-from leaf_ray.losses import distill_loss
-from leaf_ray.pruning import find_spans, mask_of_spans, random_mask_like
-from leaf_ray.scoring import UnitScores, split_units
+from leaf_ray.distillation.variants import VARIANTS, variant_config
+from leaf_ray.distillation.losses import distill_loss
+from leaf_ray.detection.pruning import find_spans, mask_of_spans, random_mask_like
+from leaf_ray.detection.sensitivity import UnitScores, split_units
 from tests.conftest import tiny_llama
 
 ORIGINALS = [Record(f"r{i}", f"ann has {i} . note : {i + 3} is lucky . how many ?", str(i + 3)) for i in range(6)]
@@ -33,13 +34,42 @@ CFS = [{"id": f"r{i}#cf0", "source_id": f"r{i}", "instruction": f"ann has {i} . 
 
 def config(**update) -> DistillationConfig:
     settings = {"batch_size": 4, "max_steps": 30, "learning_rate": 3e-3, "eval_every": 10, "bf16_autocast": False}
-    return DistillationConfig(teacher="t", student="s", data_dir="d", **{**settings, **update})
+    return DistillationConfig(**{**settings, **update})
 
 
-def test_pairs_join_counterfactuals_by_source_id():
-    pairs = pair_records(ORIGINALS, CFS)
+def pair_records(originals, counterfactuals) -> list[TrainingPair]:
+    """The reference join: each original with the counterfactual rows whose source_id names it."""
+    return [TrainingPair(o, [Record.from_dict(c) for c in counterfactuals if c["source_id"] == o.id])
+            for o in originals]
+
+
+def test_a_training_set_joins_counterfactuals_by_source_id(tmp_path):
+    # The store's format, written by hand: parts in any order, counterfactuals apart from originals.
+    (tmp_path / "originals").mkdir()
+    (tmp_path / "counterfactuals").mkdir()
+    for name, rows in (("a", ORIGINALS[3:]), ("b", ORIGINALS[:3])):
+        (tmp_path / "originals" / f"part-{name}.jsonl").write_text("".join(json.dumps(r.to_dict()) + "\n" for r in rows))
+    (tmp_path / "counterfactuals" / "part-a.jsonl").write_text("".join(json.dumps(c) + "\n" for c in CFS))
+    (tmp_path / "summary.json").write_text("{}")
+    pairs = read_training_set(tmp_path)
+    assert [p.original.id for p in pairs] == [f"r{i}" for i in range(6)]
     assert [len(p.counterfactuals) for p in pairs] == [1, 0, 1, 0, 1, 0]
     assert pairs[2].counterfactuals[0].instruction == "ann has 2 . how many ?"
+    assert pairs == pair_records(ORIGINALS, CFS)
+
+
+def test_kd_variants_train_with_lam_one_and_say_so():
+    assert VARIANTS["kd"].lam == 1.0 and VARIANTS["leaf"].lam is None
+    kd, changes = variant_config(config(lam=0.5), "kd")
+    assert kd.lam == 1.0 and kd.variant == "kd" and changes == ["lam: 0.5 -> 1.0"]
+    matched, changes = variant_config(config(lam=0.5, batch_size=4), "kd_compute_matched")
+    assert (matched.lam, matched.batch_size) == (1.0, 8) and changes == ["lam: 0.5 -> 1.0", "batch_size: 4 -> 8"]
+    leaf, changes = variant_config(config(lam=0.3), "leaf")
+    assert leaf.lam == 0.3 and changes == []
+    # lam unset: the variant decides, nothing to contradict.
+    assert variant_config(DistillationConfig(variant="kd"), "kd")[0].lam == 1.0
+    with pytest.raises(ValueError, match="distillation.lam: variant 'kd' trains with lam = 1.0"):
+        variant_config(DistillationConfig(variant="kd", lam=0.5), "kd")
 
 
 def test_batches_follow_the_mode():
@@ -78,14 +108,49 @@ def test_short_run_moves_the_student_towards_the_teacher(byte_tokenizer, update)
     pairs = pair_records(ORIGINALS, CFS)
     batch = encode_records(byte_tokenizer, [p.original for p in pairs])
 
-    def held_out(step):
+    def held_out() -> float:
         with torch.no_grad():
-            return {"kl": branch_loss(student, teacher, batch, config(), len(byte_tokenizer)).item()}
+            return branch_loss(student, teacher, batch, config(), len(byte_tokenizer)).item()
 
-    before = held_out(0)["kl"]
-    history = train_in_process(student, teacher, byte_tokenizer, pairs, config(**update), len(byte_tokenizer), held_out)
-    assert [h["step"] for h in history if "kl" in h] == [10, 20, 30]
-    assert history[-1]["kl"] < 0.5 * before
+    kl = {}
+
+    def report(metrics, state):
+        assert state["step"] == metrics["step"] and state["optimizer"] is not None
+        if metrics["step"] % 10 == 0:
+            kl[metrics["step"]] = held_out()
+
+    before = held_out()
+    history = train(student, teacher, byte_tokenizer, pairs, config(**update), len(byte_tokenizer), report=report)
+    assert [h["step"] for h in history] == list(range(1, 31)) and list(kl) == [10, 20, 30]
+    assert kl[30] < 0.5 * before
+
+
+def test_a_resumed_run_continues_where_it_stopped_and_matches_an_unbroken_one(byte_tokenizer):
+    """Stop after 12 of 24 steps, resume from the reported state: the result is the unbroken run's."""
+    teacher = tiny_llama(len(byte_tokenizer), seed=7).requires_grad_(False)
+    pairs = pair_records(ORIGINALS, CFS)
+    settings = config(lam=0.5, max_steps=24)
+
+    unbroken = tiny_llama(len(byte_tokenizer), seed=8)
+    train(unbroken, teacher, byte_tokenizer, pairs, settings, len(byte_tokenizer))
+
+    first = tiny_llama(len(byte_tokenizer), seed=8)
+    saved = {}
+
+    def stop_at_12(metrics, state):
+        if metrics["step"] == 12:
+            saved.update(weights={k: v.clone() for k, v in first.state_dict().items()},
+                         optimizer=state["optimizer"].state_dict(), schedule=state["schedule"].state_dict(), step=12)
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(first, teacher, byte_tokenizer, pairs, settings, len(byte_tokenizer), report=stop_at_12)
+    resumed = tiny_llama(len(byte_tokenizer), seed=99)  # different init: everything must come from the state
+    resumed.load_state_dict(saved.pop("weights"))
+    history = train(resumed, teacher, byte_tokenizer, pairs, settings, len(byte_tokenizer), resume=saved)
+    assert [h["step"] for h in history] == list(range(13, 25))  # it did not start over
+    for name, value in unbroken.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[name], value, rtol=1e-4, atol=1e-6)
 
 
 def test_validation_split_is_stable_and_disjoint():

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from leaf_ray.benchmark.build import code_hash, config_hash, file_hashes
+from leaf_ray.synthetic.build import code_hash, config_hash, file_hashes
 from leaf_ray.config import BenchmarkConfig
 from tests.conftest import EMBEDDED
 
@@ -34,15 +34,17 @@ def test_figures_meet_the_benchmark_bar(provenance):
 
 
 def test_models_load_with_transformers_and_answer_like_provenance(provenance):
-    from leaf_ray.benchmark.tasks import make_split
-    from leaf_ray.detection import load_model
-    from leaf_ray.evaluation import answer_accuracy, greedy_generate
+    from leaf_ray.synthetic.tasks import make_split
+    from leaf_ray.models import load_model
+    from leaf_ray.data import Record
+    from leaf_ray.evaluation import accuracy
 
     config = BenchmarkConfig()
-    records = make_split("simple", "test_conflict", config.test_conflict_records, config.seed)[:100]
+    records = [Record.from_dict(r) for r in make_split("simple", "test_conflict", config.test_conflict_records,
+                                                           config.seed)[:100]]
     for name in ("teacher", "student"):
         model, tokenizer = load_model(EMBEDDED / name)
         assert model.config.hidden_size // model.config.num_attention_heads == 64
-        accuracy = answer_accuracy(greedy_generate(model, tokenizer, [r["instruction"] for r in records]), records).accuracy
+        measured = accuracy(model, tokenizer, records).accuracy
         recorded = provenance["figures"]["simple"][name]["test_conflict"]["accuracy"]
-        assert abs(accuracy - recorded) <= 0.1, (name, accuracy, recorded)
+        assert abs(measured - recorded) <= 0.1, (name, measured, recorded)

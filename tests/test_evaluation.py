@@ -7,11 +7,11 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from leaf_ray.benchmark.tasks import make_split
+from leaf_ray.synthetic.tasks import make_split
 from leaf_ray.cli import app
-from leaf_ray.data import write_jsonl
+from leaf_ray.data import Record, write_jsonl
 from leaf_ray.evaluation import answer_accuracy, check_number, detection_prf, extract_number
-from leaf_ray.scoring import split_units
+from leaf_ray.detection.sensitivity import split_units
 from tests.conftest import EMBEDDED
 
 
@@ -24,7 +24,7 @@ def test_accuracy_and_copy_rate_by_hand():
     records = make_split("simple", "test_conflict", 4, seed=0)
     shortcut = [str(r["meta"]["distractors"][0]["number"]) for r in records]
     predictions = [records[0]["answer"], shortcut[1], shortcut[2], "nonsense"]
-    report = answer_accuracy(predictions, records)
+    report = answer_accuracy(predictions, [Record.from_dict(r) for r in records])
     assert report.accuracy == 0.25 and report.copy_rate == 0.5
 
 
@@ -57,7 +57,7 @@ def test_detection_prf_against_ground_truth():
 
 @pytest.mark.skipif(not (EMBEDDED / "student").exists(), reason="embedded models not built")
 def test_eval_command_on_a_tiny_file(tmp_path):
-    from leaf_ray.detection import load_model
+    from leaf_ray.models import load_model
     from leaf_ray.evaluation import greedy_generate
 
     records = make_split("simple", "test_conflict", 12, seed=5)
@@ -72,7 +72,7 @@ def test_eval_command_on_a_tiny_file(tmp_path):
 
     model, tokenizer = load_model(EMBEDDED / "student")
     predictions = greedy_generate(model, tokenizer, [r["instruction"] for r in records])
-    expected = answer_accuracy(predictions, records)
+    expected = answer_accuracy(predictions, [Record.from_dict(r) for r in records])
     assert entry["n"] == 12 and entry["accuracy"] == expected.accuracy and entry["copy_rate"] == expected.copy_rate
     assert entry["detection"]["clause"]["f1"] == 1.0
     assert 0.0 < entry["attention_mass"] < 1.0

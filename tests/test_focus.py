@@ -1,4 +1,4 @@
-"""/v1/focus's core (leaf_ray.focus) agrees with the corpus scorer (PairScorer) and pruning, without Ray."""
+"""/v1/focus's core (leaf_ray.serving.focus) agrees with the corpus scorer (PairScorer) and pruning, without Ray."""
 
 from __future__ import annotations
 
@@ -7,10 +7,11 @@ import pytest
 
 from leaf_ray.config import PruningConfig, ScoringConfig
 from leaf_ray.data import iter_records
-from leaf_ray.detection import PairScorer, load_model
+from leaf_ray.detection.scorer import PairScorer
+from leaf_ray.models import load_model
 from leaf_ray.evaluation import greedy_generate
-from leaf_ray.focus import FocusError, FocusScorer
-from leaf_ray.pruning import confounder_mask, find_spans
+from leaf_ray.serving.focus import FocusError, FocusScorer
+from leaf_ray.detection.pruning import confounder_mask, find_spans
 from tests.conftest import EMBEDDED
 
 pytestmark = pytest.mark.skipif(not (EMBEDDED / "student").exists(), reason="embedded models not built")
@@ -34,7 +35,7 @@ def test_with_teacher_matches_pair_scorer_and_pruning(models, records):
     (teacher, t_tok), (student, s_tok) = models
     pruning = PruningConfig()
     focus = FocusScorer(student, s_tok, teacher, t_tok, pruning=pruning)
-    scorer = PairScorer(teacher, t_tok, student, s_tok, ScoringConfig(teacher="t", student="s", corpus="c"))
+    scorer = PairScorer(teacher, t_tok, student, s_tok, ScoringConfig(corpus="c"))
     scored, errors = scorer.score(records)
     assert not errors
     flagged = 0
@@ -58,7 +59,7 @@ def test_with_teacher_matches_pair_scorer_and_pruning(models, records):
 def test_student_only_matches_the_student_column(models, records):
     (teacher, t_tok), (student, s_tok) = models
     focus = FocusScorer(student, s_tok)
-    scorer = PairScorer(teacher, t_tok, student, s_tok, ScoringConfig(teacher="t", student="s", corpus="c"))
+    scorer = PairScorer(teacher, t_tok, student, s_tok, ScoringConfig(corpus="c"))
     scored, _ = scorer.score(records[:3])
     for record, expected in zip(records, scored):
         got = focus.explain(record.instruction, record.response)

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from leaf_ray.losses import VocabularyMismatchError, distill_loss, leaf_loss, shared_vocab_size
-from leaf_ray.tokenizer import train_tokenizer
+from leaf_ray.distillation.losses import VocabularyMismatchError, distill_loss, leaf_loss, shared_vocab_size
+from leaf_ray.synthetic.tokenizer import train_tokenizer
 
 KINDS = ["forward_kl", "reverse_kl", "jsd"]
 

@@ -306,7 +306,8 @@ def in_image(path: str) -> bool:
 def test_dockerfile_copies_what_exists():
     for source in copied_sources():
         assert (ROOT / source).exists(), f"COPY {source}: not in the repository"
-    assert in_image("jobs/pipeline.py") and in_image("serve/app.py") and not in_image("runs/demo")
+    assert in_image("jobs/pipeline.py") and in_image("leaf_ray/serving/app.py") and in_image("serve/config.yaml")
+    assert not in_image("runs/demo")
 
 
 # --- the RayJob ------------------------------------------------------------------------------
@@ -430,4 +431,4 @@ def test_rayservice_serves_the_serve_app_on_gpus():
     # ... and the model is the LeaF student the RayJob writes (runs/<name>/distill/<variant>/model).
     _, pipeline = rayjob_pipeline()
     assert "leaf" in pipeline.variants
-    assert serving.model == f"{workdir}/{pipeline.distillation.output_dir}/leaf/model"
+    assert serving.model == f"{workdir}/{pipeline.layout.model('leaf')}"

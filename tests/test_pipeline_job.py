@@ -41,6 +41,7 @@ def test_submitted_pipeline_writes_the_report_and_models(cluster, tmp_path):
                          cwd=ROOT, env=cluster, capture_output=True, text=True, timeout=900)
     assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-4000:]
     assert "succeeded" in job.stdout + job.stderr
+    assert "variant kd: lam: 0.5 -> 1.0" in job.stdout + job.stderr
 
     report = json.loads((run / "report.json").read_text())
     assert set(report["accuracy"]) == {"teacher", "student", "kd", "leaf", "leaf_instr_resp"}
@@ -58,6 +59,7 @@ def test_submitted_pipeline_writes_the_report_and_models(cluster, tmp_path):
     for variant in ("kd", "leaf"):
         export = json.loads((run / "distill" / variant / "export.json").read_text())
         assert export["metrics"]["step"] == 40
+        assert export["lam"] == (1.0 if variant == "kd" else 0.5)  # the kd variant's rule, applied visibly
         assert (run / "distill" / variant / "model" / "model.safetensors").exists()
 
     # A rerun resumes: every stage is complete, so each one is skipped.

@@ -8,8 +8,8 @@ from hypothesis import strategies as st
 
 from leaf_ray.config import PruningConfig
 from leaf_ray.data import Record
-from leaf_ray.pruning import confounder_mask, counterfactuals, find_spans, response_prefix, split_steps, threshold_value
-from leaf_ray.scoring import UnitScores, split_units
+from leaf_ray.detection.pruning import confounder_mask, counterfactuals, find_spans, response_prefix, split_steps, threshold_value
+from leaf_ray.detection.sensitivity import UnitScores, split_units
 
 
 def unit_scores(text: str, diffs: list[float]) -> UnitScores:
@@ -112,7 +112,7 @@ def test_response_level_counterfactual_cuts_only_the_prefix():
 
 
 def test_scores_row_reads_back_into_the_same_scores():
-    from leaf_ray.detection import ScoredRecord
+    from leaf_ray.detection.scorer import ScoredRecord
 
     text = "ann has 3 . note : 7 is lucky ."
     units = split_units(text)

@@ -32,7 +32,8 @@ SKIP_REASON = "the benchmark's responses are single answers: no reasoning prefix
 def report() -> dict:
     from leaf_ray.config import PruningConfig, ScoringConfig
     from leaf_ray.data import Record, iter_records
-    from leaf_ray.detection import PairScorer, load_model, score_and_prune
+    from leaf_ray.detection.scorer import PairScorer, score_and_prune
+    from leaf_ray.models import load_model
     from leaf_ray.evaluation import attention_mass, confounder_spans, detection_prf
 
     corpus = EMBEDDED / "data" / "simple" / "distill.jsonl"
@@ -40,10 +41,9 @@ def report() -> dict:
     # Text after the last ground-truth span leaves the spans valid.
     records[2] = Record(records[2].id, f"{records[2].instruction} {SCRIPT}", records[2].response,
                         records[2].answer, records[2].meta)
-    config = ScoringConfig(teacher=str(EMBEDDED / "teacher"), student=str(EMBEDDED / "student"),
-                           corpus=str(corpus), device="cpu")
-    teacher, t_tok = load_model(config.teacher, device="cpu")
-    student, s_tok = load_model(config.student, device="cpu")
+    config = ScoringConfig(corpus=str(corpus), device="cpu")
+    teacher, t_tok = load_model(EMBEDDED / "teacher", device="cpu")
+    student, s_tok = load_model(EMBEDDED / "student", device="cpu")
     start = time.perf_counter()
     rows, _, errors, stats = score_and_prune(PairScorer(teacher, t_tok, student, s_tok, config), PruningConfig(), records)
     wall = time.perf_counter() - start
@@ -52,7 +52,7 @@ def report() -> dict:
     for row in rows:
         row["true_spans"] = [list(span) for span in confounder_spans(meta[row["id"]])]
     graded = [(list(zip(r["unit_start"], r["unit_end"], r["unit_text"])), r["masked"], meta[r["id"]]) for r in rows]
-    conflict = [r.to_dict() for r in islice(iter_records(corpus.with_name("test_conflict.jsonl")), 3)]
+    conflict = list(islice(iter_records(corpus.with_name("test_conflict.jsonl")), 3))
 
     figures = json.loads((EMBEDDED.parents[1] / "benchmarks" / "results" / "embedded.json").read_text())["families"]["simple"]
     accuracy = {"teacher": {"test_conflict": figures["teacher_conflict_acc"], "test_clean": figures["teacher_clean_acc"]},

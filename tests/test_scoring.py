@@ -8,9 +8,9 @@ import torch
 
 from leaf_ray.config import ScoringConfig
 from leaf_ray.data import Record, render_sample
-from leaf_ray.detection import PairScorer
+from leaf_ray.detection.scorer import PairScorer
 from tests.conftest import tiny_llama
-from leaf_ray.scoring import (
+from leaf_ray.detection.sensitivity import (
     ScoringItem,
     leaf_diff,
     minmax,
@@ -112,7 +112,7 @@ def test_projection_agrees_across_tokenizers(byte_tokenizer, metaspace_tokenizer
 
 
 def test_pair_scorer_with_two_different_tokenizers(byte_model, byte_tokenizer, metaspace_model, metaspace_tokenizer):
-    config = ScoringConfig(teacher="t", student="s", corpus="c")
+    config = ScoringConfig(corpus="c")
     scorer = PairScorer(metaspace_model, metaspace_tokenizer, byte_model, byte_tokenizer, config)
     records = [Record(str(i), ins, res) for i, (ins, res) in enumerate(SAMPLES)]
     scored, errors = scorer.score(records)
@@ -132,7 +132,7 @@ def test_pair_scorer_with_two_different_tokenizers(byte_model, byte_tokenizer, m
 
 
 def test_pair_scorer_response_level(byte_model, byte_tokenizer):
-    config = ScoringConfig(teacher="t", student="s", corpus="c", level="response", response_split="line")
+    config = ScoringConfig(corpus="c", level="response", response_split="line")
     scorer = PairScorer(byte_model, byte_tokenizer, byte_model, byte_tokenizer, config)
     record = Record("r", "add 6 and 2 .", "Step 1: 6 + 2.\nStep 2: check it.\nThe answer is 8.")
     single = Record("s", "add 6 and 2 .", "8")
@@ -146,7 +146,7 @@ def test_pair_scorer_response_level(byte_model, byte_tokenizer):
 
 def test_pair_scorer_reports_too_long_records(byte_model, byte_tokenizer):
     short = len(render_sample(byte_tokenizer, "hi", "7").input_ids)
-    config = ScoringConfig(teacher="t", student="s", corpus="c", max_length=short)
+    config = ScoringConfig(corpus="c", max_length=short)
     scorer = PairScorer(byte_model, byte_tokenizer, byte_model, byte_tokenizer, config)
     scored, errors = scorer.score([Record("long", SAMPLES[0][0], "7"), Record("ok", "hi", "7")])
     assert [s.record.id for s in scored] == ["ok"]

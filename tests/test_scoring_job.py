@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from leaf_ray.score_store import read_jsonl_parts, read_scores
+from leaf_ray.detection.store import read_jsonl_parts, read_originals, read_scores, read_training_set
 from tests.conftest import EMBEDDED
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,11 +44,12 @@ def make_corpus(root: Path, good: int) -> tuple[Path, set[str]]:
 
 
 def write_config(root: Path, corpus: Path, output: Path) -> Path:
-    config = {"scoring": {"teacher": str(EMBEDDED / "teacher"), "student": str(EMBEDDED / "student"),
-                          "corpus": str(corpus), "output_dir": str(output), "max_length": 96,
-                          "batch_size": 16, "num_actors": 1, "resources": {"num_cpus": 1}},
+    """A pipeline config whose run_dir's score/ folder is ``output``."""
+    config = {"run_dir": str(output.parent), "teacher": str(EMBEDDED / "teacher"), "student": str(EMBEDDED / "student"),
+              "scoring": {"corpus": str(corpus), "max_length": 96, "batch_size": 16, "num_actors": 1,
+                          "resources": {"num_cpus": 1}},
               "pruning": {"threshold": "quantile", "quantile": 0.1}}
-    path = root / f"{output.name}.yaml"
+    path = root / f"{output.parent.name}.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
 
@@ -76,7 +77,7 @@ def outputs(root: Path) -> tuple[dict, list, dict]:
 def uninterrupted(tmp_path_factory):
     root = tmp_path_factory.mktemp("job")
     corpus, good_ids = make_corpus(root, good=240)
-    output = root / "full"
+    output = root / "full" / "score"
     finish(start_job(write_config(root, corpus, output)))
     return root, corpus, good_ids, output
 
@@ -97,9 +98,15 @@ def test_every_good_record_scored_every_bad_one_reported(uninterrupted):
     assert summary["counterfactuals"] == len(cfs) > 0
 
     originals = {}
+    corpus_rows = {}
     for line in (EMBEDDED / "data" / "simple" / "distill.jsonl").read_text().splitlines()[:240]:
         record = json.loads(line)
         originals[record["id"]] = record["instruction"]
+        corpus_rows[record["id"]] = record
+    # The store keeps each scored record whole (the Parquet half included): later stages read it, not the corpus.
+    assert {r.id: r.to_dict() for r in read_originals(output)} == corpus_rows
+    pairs = read_training_set(output)
+    assert sum(len(p.counterfactuals) for p in pairs) == len(cfs)
     for cf in cfs:
         (start, end), = cf["char_ranges"]
         source = originals[cf["source_id"]]
@@ -109,7 +116,7 @@ def test_every_good_record_scored_every_bad_one_reported(uninterrupted):
 
 def test_kill_and_resume_gives_the_same_outputs(uninterrupted):
     root, corpus, _, full = uninterrupted
-    output = root / "resumed"
+    output = root / "resumed" / "score"
     config = write_config(root, corpus, output)
     job = start_job(config)
     deadline = time.time() + 300
@@ -139,9 +146,9 @@ def test_kill_and_resume_gives_the_same_outputs(uninterrupted):
 
 def test_model_that_cannot_load_fails_fast_with_its_name(tmp_path):
     corpus, _ = make_corpus(tmp_path, good=4)
-    config = write_config(tmp_path, corpus, tmp_path / "out")
+    config = write_config(tmp_path, corpus, tmp_path / "out" / "score")
     data = yaml.safe_load(config.read_text())
-    data["scoring"]["teacher"] = str(tmp_path / "no-such-teacher")
+    data["teacher"] = str(tmp_path / "no-such-teacher")
     config.write_text(yaml.safe_dump(data))
     job = start_job(config)
     out, _ = job.communicate(timeout=300)

@@ -13,9 +13,9 @@ import requests
 import yaml
 
 from leaf_ray.config import ServingConfig
-from leaf_ray.detection import load_model
+from leaf_ray.models import load_model
 from leaf_ray.evaluation import greedy_generate
-from leaf_ray.focus import FocusScorer
+from leaf_ray.serving.focus import FocusScorer
 from tests.conftest import EMBEDDED
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow,
@@ -40,13 +40,12 @@ def chat_body(prompt: str = PROMPTS[0], **extra) -> dict:
 def server():
     import ray
     from ray import serve
-    from ray.job_config import JobConfig
 
-    from serve.app import build_app
+    from leaf_ray.serving.app import build_app
 
     os.environ[KEY_ENV] = KEY  # before ray.init: the replicas inherit the environment
     # More logical CPUs than this 2-core box has: engine, ingress and focus each reserve some.
-    ray.init(num_cpus=8, job_config=JobConfig(code_search_path=[str(REPO)]))
+    ray.init(num_cpus=8)
     try:
         serve.run(build_app({"model": str(EMBEDDED / "student"), "model_id": MODEL_ID, "dtype": "float32",
                              "max_model_len": MAX_MODEL_LEN, "api_key_env": KEY_ENV,
@@ -193,17 +192,35 @@ def test_serve_config_file_is_a_valid_serve_config_of_serving_args():
 
     deploy = ServeDeploySchema.model_validate(yaml.safe_load((REPO / "serve" / "config.yaml").read_text()))
     (application,) = deploy.applications
-    assert application.import_path == "serve.app:build_app"
+    assert application.import_path == "leaf_ray.serving.app:build_app"
     config = ServingConfig.model_validate(application.args)
     assert (REPO / config.model).is_dir() and (REPO / config.teacher).is_dir()
+
+
+def test_the_import_path_resolves_from_the_installed_package_alone(tmp_path):
+    """What `serve run` does with the config's import_path, in a process started in another folder
+    with the repository nowhere on sys.path (-I: no cwd, no PYTHONPATH): the package is enough."""
+    import subprocess
+    import sys
+
+    code = ("import sys, importlib.util; from ray._common.utils import import_attr\n"
+            f"assert not [p for p in sys.path if p and {str(REPO)!r} == p.rstrip('/')], sys.path\n"
+            "build_app = import_attr('leaf_ray.serving.app:build_app')\n"
+            "assert importlib.util.find_spec('serve') is None  # no top-level serve/ package any more\n"
+            "print(build_app.__module__)")
+    done = subprocess.run([sys.executable, "-I", "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().endswith("leaf_ray.serving.app")
 
 
 def test_build_app_names_the_bad_field():
     from pydantic import ValidationError
 
-    from serve.app import build_app
+    from leaf_ray.serving.app import build_app
 
     with pytest.raises(ValidationError, match="max_model_len"):
         build_app({"model": "m", "max_model_len": 0})
     with pytest.raises(ValidationError, match="api_key_env or api_key_file"):
         build_app({"model": "m", "api_key_env": "A", "api_key_file": "f"})
+    with pytest.raises(ValueError, match="model: set the model directory"):
+        build_app({})

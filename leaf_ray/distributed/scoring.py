@@ -1,8 +1,9 @@
 """Stage 1 at corpus scale: Ray Data spreads confounder scoring over an actor pool.
 
 Each actor loads teacher and student once (:class:`ScoreActor`) and runs the core
-:func:`~leaf_ray.detection.score_and_prune` on its batches, writing each batch's outputs
-through :mod:`leaf_ray.score_store` so that a killed job resumes where it stopped.
+:class:`~leaf_ray.detection.scorer.ScoringBatchProcessor` on its batches, which writes each
+batch into the run's ``score/`` store (:mod:`leaf_ray.detection.store`) so that a killed
+job resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import ray
 
 from leaf_ray.config import PipelineConfig
 from leaf_ray.data import RecordError, corpus_files, decode_rows, parse_record
-from leaf_ray.score_store import done_keys, error_key, error_row, totals, write_batch, write_summary
+from leaf_ray.detection.store import done_keys, totals, write_summary
 
 
 def explode_file(row: dict[str, Any]) -> list[dict[str, Any]]:
@@ -36,24 +37,21 @@ def explode_file(row: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 class ScoreActor:
-    """Holds teacher and student; scores, prunes and writes one batch per call."""
+    """Holds teacher and student; parses, scores, prunes and writes one batch per call."""
 
     def __init__(self, config: PipelineConfig):
         import torch
 
-        from leaf_ray.detection import PairScorer
+        from leaf_ray.detection.scorer import PairScorer, ScoringBatchProcessor
 
-        self.config = config
-        self.output = Path(config.scoring.output_dir)
         try:
-            self.scorer = PairScorer.from_config(config.scoring)
+            scorer = PairScorer.from_paths(config.teacher, config.student, config.scoring)
         except (MemoryError, torch.OutOfMemoryError, RuntimeError, OSError) as exc:
             raise RuntimeError(_load_failure(config, exc)) from exc
+        self.process = ScoringBatchProcessor(scorer, config.pruning, config.layout.score)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        from leaf_ray.detection import score_and_prune
-
-        records, errors = [], []
+        records, unreadable = [], []
         for key, source, line, payload, error in zip(batch["key"], batch["source"], batch["line"],
                                                      batch["payload"], batch["error"]):
             where = {"line": int(line), "source": str(source)}
@@ -62,12 +60,8 @@ class ScoreActor:
                     raise RecordError(str(error), **where)
                 records.append(parse_record(json.loads(payload), **where))
             except RecordError as exc:
-                errors.append((str(key), exc))
-        rows, cfs, failed, stats = score_and_prune(self.scorer, self.config.pruning, records)
-        errors += [(error_key(e), e) for e in failed]
-        error_rows = [error_row(key, e) for key, e in errors]
-        stats.update(read=len(batch["key"]), errors=len(error_rows))
-        write_batch(self.output, [str(k) for k in batch["key"]], rows, cfs, error_rows, stats)
+                unreadable.append((str(key), exc))
+        stats = self.process([str(k) for k in batch["key"]], records, unreadable)
         return {"batch": [stats["read"]]}
 
 
@@ -75,7 +69,7 @@ def _load_failure(config: PipelineConfig, exc: BaseException) -> str:
     import psutil
 
     memory = psutil.virtual_memory()
-    models = f"teacher {config.scoring.teacher!r} / student {config.scoring.student!r}"
+    models = f"teacher {config.teacher!r} / student {config.student!r}"
     return (f"scoring actor could not load {models} ({type(exc).__name__}: {exc}); "
             f"node memory {memory.available / 2**30:.1f} GiB free of {memory.total / 2**30:.1f} GiB; "
             f"actor reserved {config.scoring.resources.num_cpus} CPUs, {config.scoring.resources.num_gpus} GPUs")
@@ -85,7 +79,7 @@ def run_scoring(config: PipelineConfig) -> dict[str, Any]:
     """Score every record not yet done; return (and write) the summary over all runs."""
     started = time.perf_counter()
     scoring = config.scoring
-    output = Path(scoring.output_dir)
+    output = config.layout.score
     output.mkdir(parents=True, exist_ok=True)
     finished = done_keys(output)
     before = totals(output)

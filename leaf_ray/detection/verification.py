@@ -14,16 +14,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from leaf_ray.config import VerificationConfig
-from leaf_ray.data import Record
+from leaf_ray.data import Record, TrainingPair
 from leaf_ray.evaluation import CHECKERS
 
 
-def generation_requests(originals: Sequence[Record], counterfactuals: Sequence[Mapping[str, Any]]
-                        ) -> list[dict[str, Any]]:
+def generation_requests(pairs: Sequence[TrainingPair]) -> list[dict[str, Any]]:
     """One row per prompt to answer: ``key`` (the record id), ``kind``, ``instruction``, ``answer``."""
-    rows = [{"key": r.id, "kind": "original", "instruction": r.instruction, "answer": r.answer} for r in originals]
-    rows += [{"key": c["id"], "kind": "counterfactual", "instruction": c["instruction"], "answer": c.get("answer")}
-             for c in counterfactuals]
+    rows = [{"key": p.original.id, "kind": "original", "instruction": p.original.instruction,
+             "answer": p.original.answer} for p in pairs]
+    rows += [{"key": c.id, "kind": "counterfactual", "instruction": c.instruction, "answer": c.answer}
+             for p in pairs for c in p.counterfactuals]
     missing = [row["key"] for row in rows if row["answer"] is None]
     if missing:
         raise ValueError(f"verification needs an 'answer' on every record; {len(missing)} have none, "
@@ -33,19 +33,18 @@ def generation_requests(originals: Sequence[Record], counterfactuals: Sequence[M
 
 @dataclass
 class Selection:
-    originals: list[Record]
-    counterfactuals: list[dict[str, Any]]
+    pairs: list[TrainingPair]
     summary: dict[str, Any]
 
 
-def select(originals: Sequence[Record], counterfactuals: Sequence[Mapping[str, Any]],
-           student_answers: Mapping[str, str], teacher_answers: Mapping[str, str],
+def select(pairs: Sequence[TrainingPair], student_answers: Mapping[str, str], teacher_answers: Mapping[str, str],
            config: VerificationConfig) -> Selection:
     """Apply the keep rules to generated answers (keyed by record id).
 
     A counterfactual is only kept with its original, since it trains as that original's pair.
     """
     check = CHECKERS[config.checker]
+    originals = [p.original for p in pairs]
     student_right = {r.id: check(student_answers[r.id], str(r.answer)) for r in originals}
     teacher_right = {r.id: check(teacher_answers[r.id], str(r.answer)) for r in originals} if teacher_answers else {}
 
@@ -56,18 +55,17 @@ def select(originals: Sequence[Record], counterfactuals: Sequence[Mapping[str, A
             return teacher_right[record.id]
         return teacher_right[record.id] and not student_right[record.id]
 
-    kept = [r for r in originals if keep_original(r)]
-    kept_ids = {r.id for r in kept}
-    cf_right = {c["id"]: check(student_answers[c["id"]], str(c["answer"])) for c in counterfactuals}
-    kept_cfs = [dict(c) for c in counterfactuals if c["source_id"] in kept_ids
-                and (config.keep_counterfactuals == "all" or cf_right[c["id"]])]
+    cf_right = {c.id: check(student_answers[c.id], str(c.answer)) for p in pairs for c in p.counterfactuals}
+    kept = [TrainingPair(p.original, [c for c in p.counterfactuals
+                                      if config.keep_counterfactuals == "all" or cf_right[c.id]])
+            for p in pairs if keep_original(p.original)]
     summary = {
-        "originals": len(originals), "counterfactuals": len(counterfactuals),
-        "kept_originals": len(kept), "kept_counterfactuals": len(kept_cfs),
+        "originals": len(originals), "counterfactuals": len(cf_right),
+        "kept_originals": len(kept), "kept_counterfactuals": sum(len(p.counterfactuals) for p in kept),
         "student_accuracy_original": sum(student_right.values()) / max(len(originals), 1),
         "student_accuracy_counterfactual": sum(cf_right.values()) / max(len(cf_right), 1),
         "rules": {"keep_originals": config.keep_originals, "keep_counterfactuals": config.keep_counterfactuals},
     }
     if teacher_right:
         summary["teacher_accuracy_original"] = sum(teacher_right.values()) / max(len(originals), 1)
-    return Selection(kept, kept_cfs, summary)
+    return Selection(kept, summary)

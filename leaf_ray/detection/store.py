@@ -2,8 +2,9 @@
 
 Layout::
 
-    scores/part-<batch>.parquet         per record: units, teacher / student / diff, mask
+    originals/part-<batch>.jsonl        the records scored, in the corpus schema
     counterfactuals/part-<batch>.jsonl  one record per pruned span (corpus schema + provenance)
+    scores/part-<batch>.parquet         per record: units, teacher / student / diff, mask
     errors/part-<batch>.jsonl           records that could not be processed, with a reason
     _done/<batch>.json                  the batch's keys and counts, written last
     summary.json
@@ -11,6 +12,11 @@ Layout::
 A batch counts as done only when its ``_done`` marker exists; part files are renamed into
 place whole, and parts without a marker (a killed batch) are removed on the next run. A
 rerun therefore skips every key in a marker and redoes the rest.
+
+``originals/`` + ``counterfactuals/`` + ``summary.json`` is also the *training-set* format
+that every later stage reads (:func:`read_training_set`): the verification stage and the
+control variants write their own training sets the same way, so nothing downstream
+re-reads the corpus.
 """
 
 from __future__ import annotations
@@ -24,9 +30,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from leaf_ray.data import Record, iter_records, write_jsonl
+from leaf_ray.data import Record, TrainingPair
 
-OUTPUTS = {"scores": ".parquet", "counterfactuals": ".jsonl", "errors": ".jsonl"}
+OUTPUTS = {"originals": ".jsonl", "counterfactuals": ".jsonl", "scores": ".parquet", "errors": ".jsonl"}
 
 
 def batch_name(keys: list[str]) -> str:
@@ -46,10 +52,12 @@ def _write_jsonl(rows: list[dict[str, Any]]):
     return write
 
 
-def write_batch(root: Path, keys: list[str], scores: list[dict[str, Any]], counterfactuals: list[dict[str, Any]],
-                errors: list[dict[str, Any]], stats: dict[str, Any]) -> str:
+def write_batch(root: Path, keys: list[str], scores: list[dict[str, Any]], originals: list[dict[str, Any]],
+                counterfactuals: list[dict[str, Any]], errors: list[dict[str, Any]], stats: dict[str, Any]) -> str:
     """Write one batch's parts, then its marker. Returns the batch name."""
     name = batch_name(keys)
+    if originals:
+        _atomic_write(root / "originals" / f"part-{name}.jsonl", _write_jsonl(originals))
     if scores:
         _atomic_write(root / "scores" / f"part-{name}.parquet",
                       lambda tmp: pq.write_table(pa.Table.from_pylist(scores), tmp))
@@ -120,29 +128,31 @@ def read_scores(root: Path) -> list[dict[str, Any]]:
     return [row for path in sorted((root / "scores").glob("part-*.parquet")) for row in pq.read_table(path).to_pylist()]
 
 
-def scored_originals(root: Path, corpus: str | Path) -> list[Record]:
-    """The corpus records the scoring run in ``root`` scored (not those that went to errors/)."""
-    scored = {row["id"] for row in read_scores(root)}
-    return [r for r in iter_records(corpus) if r.id in scored]
-
-
-# A training set: originals and the counterfactuals (with ``source_id``) to train on, as the
-# verification stage and the pipeline's control variants write it; summary.json last.
-def write_training_set(folder: Path, originals: list[Record], counterfactuals: list[dict[str, Any]],
-                       summary: dict[str, Any]) -> None:
-    write_jsonl(folder / "originals.jsonl", [r.to_dict() for r in originals])
-    write_jsonl(folder / "counterfactuals.jsonl", counterfactuals)
-    (folder / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+def write_training_set(folder: Path, pairs: list[TrainingPair], summary: dict[str, Any]) -> None:
+    """A training set in one part: the verification stage's kept pairs, a control variant's pairs."""
+    _atomic_write(folder / "originals" / "part-0.jsonl", _write_jsonl([p.original.to_dict() for p in pairs]))
+    _atomic_write(folder / "counterfactuals" / "part-0.jsonl", _write_jsonl(
+        [{**c.to_dict(), "source_id": p.original.id} for p in pairs for c in p.counterfactuals]))
+    _atomic_write(folder / "summary.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n"))
 
 
 def is_training_set(folder: Path) -> bool:
-    return (folder / "originals.jsonl").exists() and (folder / "summary.json").exists()
+    return (folder / "summary.json").exists() and (folder / "originals").is_dir()
 
 
-def read_training_set(folder: Path) -> tuple[list[Record], list[dict[str, Any]]]:
-    counterfactuals = folder / "counterfactuals.jsonl"
-    return (list(iter_records(folder / "originals.jsonl")),
-            [json.loads(line) for line in counterfactuals.read_text(encoding="utf-8").splitlines() if line.strip()])
+def read_originals(folder: Path) -> list[Record]:
+    """The original records of a training set (for the store: every record that was scored), by id."""
+    return sorted((Record.from_dict(row) for row in read_jsonl_parts(folder, "originals")), key=lambda r: r.id)
+
+
+def read_training_set(folder: Path) -> list[TrainingPair]:
+    """Originals joined with their counterfactuals (by ``source_id``), sorted by id."""
+    if not is_training_set(folder):
+        raise FileNotFoundError(f"{folder} holds no finished training set (originals/ and summary.json)")
+    by_source: dict[str, list[Record]] = {}
+    for row in read_jsonl_parts(folder, "counterfactuals"):
+        by_source.setdefault(row["source_id"], []).append(Record.from_dict(row))
+    return [TrainingPair(r, by_source.get(r.id, [])) for r in read_originals(folder)]
 
 
 def read_jsonl_parts(root: Path, folder: str) -> list[dict[str, Any]]:

@@ -13,8 +13,8 @@ additions:
 - an API-key check in front of everything else: with ``api_key_env`` or ``api_key_file``
   set, a request without ``Authorization: Bearer <key>`` gets 401 before its body is read.
 
-``serve run serve/config.yaml`` calls :func:`build_app` with the config's ``args``: the
-fields of :class:`leaf_ray.config.ServingConfig`.
+``serve run serve/config.yaml`` (import path ``leaf_ray.serving.app:build_app``) calls
+:func:`build_app` with the config's ``args``: the fields of :class:`leaf_ray.config.ServingConfig`.
 """
 
 from __future__ import annotations
@@ -27,8 +27,6 @@ from pathlib import Path
 from fastapi import HTTPException, status
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
-from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
-from ray.llm._internal.serve.core.ingress.ingress import DEFAULT_ENDPOINTS, init
 from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 from ray.serve.llm import LLMConfig, build_llm_deployment
@@ -36,7 +34,8 @@ from ray.serve.llm.ingress import OpenAiIngress, make_fastapi_ingress
 from starlette.responses import JSONResponse
 
 from leaf_ray.config import ServingConfig
-from leaf_ray.focus import FocusError, FocusScorer
+from leaf_ray.serving.focus import FocusError, FocusScorer
+from leaf_ray.serving.ray_private import DEFAULT_ENDPOINTS, init, to_model_metadata
 
 # Routes that answer without an API key: liveness / readiness probes.
 OPEN_PATHS = frozenset({"/health"})
@@ -173,6 +172,8 @@ def build_app(args: dict) -> Application:
     """The application for ``serve run`` / ``serve deploy``; ``args`` are ServingConfig fields
     (a pydantic ValidationError names each bad field)."""
     config = ServingConfig.model_validate(args)
+    if config.model is None:
+        raise ValueError("model: set the model directory to serve (e.g. runs/<name>/distill/leaf/model)")
     llm_config = llm_config_for(config)
     api_key = ApiKeySource(config.api_key_env, config.api_key_file)
 

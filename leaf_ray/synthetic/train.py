@@ -6,15 +6,13 @@ LM loss would leak the answer through predicting the distractor number.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from leaf_ray.data import pad_batch, render_sample
+from leaf_ray.distillation.loop import warmup_cosine
 
 
 def make_llama(tokenizer: PreTrainedTokenizerFast, layers: int, hidden: int, heads: int,
@@ -31,12 +29,6 @@ def make_llama(tokenizer: PreTrainedTokenizerFast, layers: int, hidden: int, hea
         pad_token_id=tokenizer.pad_token_id,
     )
     return LlamaForCausalLM(config)
-
-
-def encode(tokenizer: PreTrainedTokenizerFast, records: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    """Right-padded ids and a mask of the completion tokens to predict."""
-    rendered = [render_sample(tokenizer, r["instruction"], r["response"]) for r in records]
-    return pad_batch([x.input_ids for x in rendered], [x.completion_tokens for x in rendered], tokenizer.pad_token_id)
 
 
 def response_nll(model: LlamaForCausalLM, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -58,15 +50,14 @@ def train_response_lm(model: LlamaForCausalLM, datasets: Sequence[dict[str, torc
     """
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup, steps))
     model.train()
     losses = []
     with tqdm(range(steps), desc=desc, unit="step", mininterval=2.0) as bar:
         for step in bar:
             data = datasets[step % len(datasets)]
             idx = torch.randint(0, data["input_ids"].shape[0], (batch_size,), generator=generator)
-            batch = {k: v[idx] for k, v in data.items()}
+            batch = {k: data[k][idx] for k in ("input_ids", "attention_mask", "target_mask")}
             width = int(batch["attention_mask"].sum(-1).max())  # trim shared right padding
             batch = {k: v[:, :width] for k, v in batch.items()}
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):

@@ -1,4 +1,4 @@
-"""Causal attention distillation: the LeaF objective and an in-process training loop.
+"""Causal attention distillation: the LeaF objective and the one training loop.
 
 The student learns from a frozen teacher on each original prompt and on a counterfactual
 of it (a confounding span cut out):
@@ -8,8 +8,10 @@ of it (a confounding span cut out):
 over the completion tokens (``lam = 1`` is plain KD). ``mode: mixed`` instead puts
 originals and counterfactuals in one pool, as the official code does.
 
-Batches are padded to their own longest row, never to a fixed length. This module is
-plain PyTorch; the Ray Train job runs the same :func:`hybrid_loss` on each worker.
+:func:`train` is the only optimizer loop. It runs as rank ``r`` of ``world`` workers: a
+Ray Train worker calls it with its rank and a ``report`` callback that checkpoints, the
+embedded benchmark's harness calls it with rank 0 of 1. It is plain PyTorch; with
+``torch.distributed`` initialised (DDP), losses and validation sums are all-reduced.
 """
 
 from __future__ import annotations
@@ -17,39 +19,17 @@ from __future__ import annotations
 import hashlib
 import math
 import random
+import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
 from leaf_ray.config import DistillationConfig
-from leaf_ray.data import Record, pad_batch, render_sample
-from leaf_ray.losses import distill_loss, leaf_loss
-
-
-@dataclass
-class TrainingPair:
-    """An original record and the counterfactuals cut from it (possibly none)."""
-
-    original: Record
-    counterfactuals: list[Record] = field(default_factory=list)
-
-
-def pair_records(originals: Sequence[Record], counterfactuals: Sequence[dict[str, Any]]) -> list[TrainingPair]:
-    """Join counterfactual rows (with ``source_id``) to their originals by id."""
-    by_source: dict[str, list[Record]] = {}
-    for row in counterfactuals:
-        by_source.setdefault(row["source_id"], []).append(
-            Record(row["id"], row["instruction"], row["response"], row.get("answer"), row.get("meta") or {}))
-    return [TrainingPair(r, by_source.get(r.id, [])) for r in originals]
-
-
-def encode_records(tokenizer, records: Sequence[Record]) -> dict[str, torch.Tensor]:
-    rendered = [render_sample(tokenizer, r.instruction, r.response) for r in records]
-    return pad_batch([x.input_ids for x in rendered], [x.completion_tokens for x in rendered], tokenizer.pad_token_id)
+from leaf_ray.data import Record, TrainingPair, encode_for_training
+from leaf_ray.distillation.losses import distill_loss, leaf_loss
 
 
 def sample_batch(pairs: Sequence[TrainingPair], config: DistillationConfig, size: int, rng: random.Random
@@ -93,15 +73,18 @@ def hybrid_loss(student, teacher, originals: dict[str, torch.Tensor], counterfac
             {"loss_original": original.item(), "loss_counterfactual": counterfactual.item()})
 
 
+def warmup_cosine(warmup_steps: int, max_steps: int) -> Callable[[int], float]:
+    """Learning-rate factor: linear warmup, then cosine decay to zero at ``max_steps``."""
+    def factor(step: int) -> float:
+        warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
+        return warm * 0.5 * (1 + math.cos(math.pi * min(step, max_steps) / max_steps))
+    return factor
+
+
 def make_optimizer(model: torch.nn.Module, config: DistillationConfig):
     """AdamW with linear warmup then cosine decay to zero at ``max_steps``."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
-
-    def factor(step: int) -> float:
-        warm = min(1.0, (step + 1) / config.warmup_steps) if config.warmup_steps else 1.0
-        return warm * 0.5 * (1 + math.cos(math.pi * min(step, config.max_steps) / config.max_steps))
-
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(config.warmup_steps, config.max_steps))
 
 
 def split_validation(pairs: Sequence[TrainingPair], fraction: float, limit: int
@@ -142,14 +125,22 @@ def accumulate_gradients(student, teacher, tokenizer, originals: list[Record], c
         sync = nullcontext() if last or not hasattr(student, "no_sync") else student.no_sync()
         with sync:
             with autocast:
-                cf = None if counterfactuals is None else encode_records(tokenizer, counterfactuals[lo:lo + micro])
-                loss, parts = hybrid_loss(student, teacher, encode_records(tokenizer, originals[lo:lo + micro]),
+                cf = None if counterfactuals is None else encode_for_training(tokenizer, counterfactuals[lo:lo + micro])
+                loss, parts = hybrid_loss(student, teacher, encode_for_training(tokenizer, originals[lo:lo + micro]),
                                           cf, config, vocab)
             (loss / config.grad_accum).backward()
         total += loss.item() / config.grad_accum
         for key, value in parts.items():
             parts_sum[key] = parts_sum.get(key, 0.0) + value / config.grad_accum
     return total, parts_sum
+
+
+def all_reduce_sum(values: list[float]) -> list[float]:
+    """Sums over workers when torch.distributed is up; the values themselves on one process."""
+    tensor = torch.tensor(values, dtype=torch.float64)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(tensor)
+    return tensor.tolist()
 
 
 @torch.no_grad()
@@ -162,40 +153,90 @@ def validation_loss(student, teacher, tokenizer, records: Sequence[Record], conf
     """
     total, tokens = 0.0, 0
     for lo in range(0, len(records), batch_size):
-        batch = encode_records(tokenizer, records[lo:lo + batch_size])
+        batch = encode_for_training(tokenizer, records[lo:lo + batch_size])
         count = int(batch["target_mask"][:, 1:].sum())
         total += branch_loss(student, teacher, batch, config, vocab).item() * count
         tokens += count
     return total, tokens
 
 
-def train_in_process(student, teacher, tokenizer, pairs: Sequence[TrainingPair], config: DistillationConfig,
-                     vocab: int, on_eval: Callable[[int], dict[str, float]] | None = None) -> list[dict[str, float]]:
-    """Distil on one process: ``max_steps`` optimizer steps of ``batch_size`` pairs.
+def validate(student, teacher, tokenizer, validation: Sequence[TrainingPair], config: DistillationConfig,
+             vocab: int, rank: int = 0, world: int = 1) -> dict[str, float]:
+    """Validation KD loss over every worker's slice; answer accuracy when the records have answers."""
+    from leaf_ray.evaluation import accuracy
 
-    ``on_eval(step)`` is called every ``eval_every`` steps (default: each epoch) and at the
-    end; its metrics are merged into the returned history.
+    mine = [p.original for p in validation[rank::world]]
+    total, tokens = validation_loss(student, teacher, tokenizer, mine, config, vocab) if mine else (0.0, 0)
+    answered = [r for r in mine if r.answer is not None]
+    correct = accuracy(student, tokenizer, answered, config.checker).accuracy * len(answered) if answered else 0.0
+    total, tokens, correct, counted = all_reduce_sum([total, tokens, correct, len(answered)])
+    metrics = {"val_loss": total / max(tokens, 1)}
+    if counted:
+        metrics["val_accuracy"] = correct / counted
+    return metrics
+
+
+def clip_gradients(model: torch.nn.Module, max_norm: float) -> None:
+    """Clip by the *global* norm: an FSDP wrapper knows its shards and has its own method."""
+    if hasattr(model, "clip_grad_norm_"):
+        model.clip_grad_norm_(max_norm)
+    else:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+
+
+StepReport = Callable[[dict[str, Any], dict[str, Any]], None]
+
+
+def train(model, teacher, tokenizer, pairs: Sequence[TrainingPair], config: DistillationConfig, vocab: int, *,
+          validation: Sequence[TrainingPair] = (), rank: int = 0, world: int = 1, resume: dict[str, Any] | None = None,
+          report: StepReport | None = None) -> list[dict[str, Any]]:
+    """Distil for ``max_steps`` optimizer steps of ``batch_size`` pairs split over ``world`` workers.
+
+    ``model`` is the student, possibly wrapped by DDP/FSDP; ``teacher`` is frozen here.
+    ``resume`` is a training state from an earlier call's ``report`` (optimizer, schedule,
+    step): the run continues at the next step with the same data, because rank ``r``'s
+    batches come from a generator seeded by ``(seed, r)`` that is replayed to the step.
+    ``report(metrics, state)`` is called after every step; ``state`` holds what a checkpoint
+    needs. Validation runs every ``validation_interval`` steps and at the end.
+    Returns this call's per-step metrics.
     """
-    rng = random.Random(config.seed)
-    torch.manual_seed(config.seed)
     teacher.eval().requires_grad_(False)
-    optimizer, schedule = make_optimizer(student, config)
-    history: list[dict[str, float]] = []
-    every = config.validation_interval(len(pairs))
-    with tqdm(range(1, config.max_steps + 1), desc=f"distill[{config.variant}]", unit="step", mininterval=2.0) as bar:
-        for step in bar:
-            student.train()
-            originals, counterfactuals = sample_batch(pairs, config, config.batch_size, rng)
-            optimizer.zero_grad(set_to_none=True)
-            loss, parts = accumulate_gradients(student, teacher, tokenizer, originals, counterfactuals, config, vocab)
-            torch.nn.utils.clip_grad_norm_(student.parameters(), config.max_grad_norm)
-            optimizer.step()
-            schedule.step()
-            record = {"step": step, "loss": loss, **parts}
-            if on_eval is not None and (step % every == 0 or step == config.max_steps):
-                student.eval()
-                record.update(on_eval(step))
-            history.append(record)
-            bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-    student.eval()
+    torch.manual_seed(config.seed)
+    optimizer, schedule = make_optimizer(model, config)
+    start = 0
+    if resume is not None:
+        optimizer.load_state_dict(resume["optimizer"])
+        schedule.load_state_dict(resume["schedule"])
+        start = resume["step"]
+    rng = random.Random(config.seed if world == 1 else f"{config.seed}/{rank}")
+    per_worker = config.batch_size // world
+    for _ in range(start):  # replay the draws of finished steps: the step is the data position
+        sample_batch(pairs, config, per_worker, rng)
+    plain = model.module if hasattr(model, "module") else model  # generation needs the bare model
+    validate_every = config.validation_interval(len(pairs))
+
+    history = []
+    steps = range(start + 1, config.max_steps + 1)
+    bar = tqdm(steps, desc=f"distill[{config.variant}]", unit="step", mininterval=2.0, disable=rank != 0)
+    for step in bar:
+        started = time.perf_counter()
+        model.train()
+        originals, counterfactuals = sample_batch(pairs, config, per_worker, rng)
+        optimizer.zero_grad(set_to_none=True)
+        loss, parts = accumulate_gradients(model, teacher, tokenizer, originals, counterfactuals, config, vocab)
+        clip_gradients(model, config.max_grad_norm)
+        optimizer.step()
+        schedule.step()
+        names = ["loss", *sorted(parts)]
+        means = all_reduce_sum([value / world for value in (loss, *(parts[k] for k in names[1:]))])
+        metrics = {"step": step, **dict(zip(names, means)), "lr": schedule.get_last_lr()[0],
+                   "step_s": time.perf_counter() - started}
+        if validation and (step % validate_every == 0 or step == config.max_steps):
+            model.eval()
+            metrics.update(validate(plain, teacher, tokenizer, validation, config, vocab, rank, world))
+        history.append(metrics)
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
+        if report is not None:
+            report(metrics, {"optimizer": optimizer, "schedule": schedule, "step": step})
+    model.eval()
     return history

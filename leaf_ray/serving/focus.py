@@ -3,12 +3,12 @@
 This backs the serving API's ``/v1/focus``. For a prompt and a response (the student's own
 greedy answer when the caller gives none), the sensitivity of each prompt token is the norm
 of d(response loss)/d(token embedding) -- the same quantity LeaF scores a corpus with
-(:mod:`leaf_ray.scoring`). With a teacher configured, the teacher is scored the same way
+(:mod:`leaf_ray.detection.sensitivity`). With a teacher configured, the teacher is scored the same way
 and the LeaF diff, the confounder mask and the spans pruning would cut come back too
-(:mod:`leaf_ray.pruning`), so a user sees which words the student leans on that the
+(:mod:`leaf_ray.detection.pruning`), so a user sees which words the student leans on that the
 teacher ignores.
 
-Plain PyTorch; the Serve deployment in ``serve/app.py`` only hands it requests.
+Plain PyTorch; the Serve deployment in :mod:`leaf_ray.serving.app` only hands it requests.
 """
 
 from __future__ import annotations
@@ -20,10 +20,9 @@ import numpy as np
 
 from leaf_ray.config import PruningConfig
 from leaf_ray.data import RecordError, prompt_token_ids, render_sample
-from leaf_ray.detection import context_spans, load_model, nan_to_none, require_scorable
-from leaf_ray.evaluation import greedy_generate
-from leaf_ray.pruning import confounder_mask, find_spans
-from leaf_ray.scoring import (
+from leaf_ray.detection.pruning import confounder_mask, find_spans
+from leaf_ray.detection.scorer import context_spans, nan_to_none, require_scorable
+from leaf_ray.detection.sensitivity import (
     DEFAULT_UNIT_PATTERN,
     ScoringItem,
     compare_unit_scores,
@@ -32,6 +31,8 @@ from leaf_ray.scoring import (
     split_units,
     token_sensitivity,
 )
+from leaf_ray.evaluation import greedy_generate
+from leaf_ray.models import load_model
 
 
 class FocusError(ValueError):

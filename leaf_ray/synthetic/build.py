@@ -20,14 +20,14 @@ import numpy as np
 import torch
 
 import leaf_ray
-from leaf_ray.benchmark.tasks import make_split
-from leaf_ray.benchmark.train import encode, make_llama, train_response_lm
 from leaf_ray.config import BenchmarkConfig, PruningConfig, ScoringConfig
-from leaf_ray.data import Record, write_jsonl
-from leaf_ray.detection import PairScorer
-from leaf_ray.evaluation import answer_accuracy, confounder_spans, detection_prf, greedy_generate
-from leaf_ray.pruning import confounder_mask
-from leaf_ray.tokenizer import train_tokenizer
+from leaf_ray.data import Record, encode_for_training, write_jsonl
+from leaf_ray.detection.pruning import confounder_mask
+from leaf_ray.detection.scorer import PairScorer
+from leaf_ray.evaluation import accuracy, confounder_spans, detection_prf
+from leaf_ray.synthetic.tasks import make_split
+from leaf_ray.synthetic.tokenizer import train_tokenizer
+from leaf_ray.synthetic.train import make_llama, train_response_lm
 
 HELD_OUT = ("distill", "test_conflict", "test_clean")
 ROLE_WORDS = ["user", "assistant", "system"]  # so chat-template role names are single tokens
@@ -41,7 +41,7 @@ def code_hash() -> str:
     """Hash of the sources that determine the artifacts, so a stale build is detectable."""
     root = Path(__file__).resolve().parents[1]
     digest = hashlib.sha256()
-    for path in (root / "benchmark" / "tasks.py", root / "benchmark" / "train.py", root / "tokenizer.py"):
+    for path in (root / "synthetic" / "tasks.py", root / "synthetic" / "train.py", root / "synthetic" / "tokenizer.py"):
         digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
 
@@ -61,23 +61,22 @@ def held_out_splits(config: BenchmarkConfig, family: str) -> dict[str, list[dict
 
 def _train(tokenizer, pools: dict[str, list[dict[str, Any]]], recipe, desc: str):
     model = make_llama(tokenizer, recipe.layers, recipe.hidden, recipe.heads, seed=recipe.seed)
-    datasets = [encode(tokenizer, records) for records in pools.values()]
+    datasets = [encode_for_training(tokenizer, [Record.from_dict(r) for r in records]) for records in pools.values()]
     losses = train_response_lm(model, datasets, steps=recipe.steps,
                                batch_size=recipe.batch_size, lr=recipe.learning_rate, seed=recipe.seed, desc=desc)
     return model, losses
 
 
 def measure(model, tokenizer, records) -> dict[str, float | None]:
-    report = answer_accuracy(greedy_generate(model, tokenizer, [r["instruction"] for r in records]), records)
+    report = accuracy(model, tokenizer, [Record.from_dict(r) for r in records])
     return {"accuracy": report.accuracy, "copy_rate": report.copy_rate}
 
 
 def measure_detection(teacher, student, tokenizer, records, pruning: PruningConfig) -> dict[str, Any]:
     """Score records with both models and compare the masks with the ground-truth clause."""
     scorer = PairScorer(teacher, tokenizer, student, tokenizer,
-                        ScoringConfig(teacher="-", student="-", corpus="-", max_length=512))
-    scored, errors = scorer.score([Record(r["id"], r["instruction"], r["response"], r["answer"], r["meta"])
-                                   for r in records])
+                        ScoringConfig(corpus="-", max_length=512))
+    scored, errors = scorer.score([Record.from_dict(r) for r in records])
     if errors:
         raise RuntimeError(f"{len(errors)} benchmark records failed to score: {errors[0]}")
     rows, by_role = [], {"shortcut_number": [], "causal_number": [], "other": []}

@@ -1,6 +1,6 @@
 """Confounder thresholds, span pruning and counterfactual records.
 
-Input is a sample's :class:`~leaf_ray.scoring.UnitScores` (per-unit LeaF diff over the
+Input is a sample's :class:`~leaf_ray.detection.sensitivity.UnitScores` (per-unit LeaF diff over the
 scored text). Units with a low diff are confounders; contiguous confounders form spans;
 each span, cut from the text, gives one counterfactual. Text outside a cut is kept byte
 for byte, so a counterfactual is always ``text[:start] + text[end:]``.
@@ -17,7 +17,7 @@ import numpy as np
 
 from leaf_ray.config import PruningConfig
 from leaf_ray.data import Record
-from leaf_ray.scoring import UnitScores
+from leaf_ray.detection.sensitivity import UnitScores
 
 
 def threshold_value(diff: np.ndarray, config: PruningConfig) -> float:

@@ -1,7 +1,8 @@
-"""Confounder detection for whole records: render, score teacher and student, compare.
+"""Confounder detection for whole records: render, score teacher and student, compare, prune.
 
-This is the unit of work a scoring actor runs on a batch of records. It is plain
-PyTorch; the Ray Data job only hands it batches.
+:class:`ScoringBatchProcessor` is the unit of work of stage 1: it scores, prunes and
+writes one batch of records into the store. The Ray Data actor and any local caller run
+it unchanged. Plain PyTorch; no Ray here.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ import torch
 
 from leaf_ray.config import PruningConfig, ScoringConfig
 from leaf_ray.data import Record, RecordError, render_sample
-from leaf_ray.pruning import confounder_mask, counterfactuals, response_prefix
-from leaf_ray.scoring import (
+from leaf_ray.detection.pruning import confounder_mask, counterfactuals, response_prefix
+from leaf_ray.detection.sensitivity import (
     ScoringItem,
     Unit,
     UnitScores,
@@ -26,6 +27,8 @@ from leaf_ray.scoring import (
     split_units,
     token_sensitivity,
 )
+from leaf_ray.detection.store import error_key, error_row, write_batch
+from leaf_ray.models import load_model
 
 
 def nan_to_none(value: float) -> float | None:
@@ -86,26 +89,6 @@ class _Prepared:
     origins: tuple[int, int]  # rendered offset of the scored text's first character, per model
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def load_model(path: str | Path, dtype: str = "float32", device: str = "auto", device_map: str | None = None):
-    """A causal LM and its tokenizer from a local directory, ready for gradient scoring."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    kwargs = {"dtype": getattr(torch, dtype)}
-    if device_map:
-        kwargs["device_map"] = device_map
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    if not device_map:
-        model.to(resolve_device(device))
-    return prepare_for_scoring(model), tokenizer
-
-
 class PairScorer:
     """Scores records with a teacher and a student; one forward+backward per model per batch."""
 
@@ -115,10 +98,10 @@ class PairScorer:
         self.config = config
 
     @classmethod
-    def from_config(cls, config: ScoringConfig) -> PairScorer:
-        teacher, t_tok = load_model(config.teacher, config.dtype, config.device, config.device_map)
-        student, s_tok = load_model(config.student, config.dtype, config.device)
-        return cls(teacher, t_tok, student, s_tok, config)
+    def from_paths(cls, teacher: str | Path, student: str | Path, config: ScoringConfig) -> PairScorer:
+        t_model, t_tok = load_model(teacher, config.dtype, config.device, config.device_map)
+        s_model, s_tok = load_model(student, config.dtype, config.device)
+        return cls(t_model, t_tok, s_model, s_tok, config)
 
     def _prepare(self, record: Record) -> _Prepared:
         cfg = self.config
@@ -216,3 +199,27 @@ def score_and_prune(scorer: PairScorer, pruning: PruningConfig, records: Sequenc
         stats["scored_units"] += int(s.scores.scored.sum())
     stats["counterfactuals"] = len(cfs)
     return rows, cfs, errors, stats
+
+
+class ScoringBatchProcessor:
+    """Scores, prunes and writes one batch of records into the store at ``output``.
+
+    ``keys`` name every row of the batch (a record id, or ``file:line`` for a row that did
+    not parse); ``unreadable`` holds the rows that failed before scoring, with their keys.
+    The batch's marker lists every key, so a rerun skips the whole batch.
+    """
+
+    def __init__(self, scorer: PairScorer, pruning: PruningConfig, output: str | Path):
+        self.scorer = scorer
+        self.pruning = pruning
+        self.output = Path(output)
+
+    def __call__(self, keys: Sequence[str], records: Sequence[Record],
+                 unreadable: Sequence[tuple[str, RecordError]] = ()) -> dict[str, int]:
+        rows, cfs, failed, stats = score_and_prune(self.scorer, self.pruning, records)
+        scored_ids = {row["id"] for row in rows}
+        errors = [error_row(key, e) for key, e in unreadable] + [error_row(error_key(e), e) for e in failed]
+        stats.update(read=len(keys), errors=len(errors))
+        write_batch(self.output, list(keys), rows, [r.to_dict() for r in records if r.id in scored_ids],
+                    cfs, errors, stats)
+        return stats

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from leaf_ray.data import RenderedSample, overlapping_tokens
+from leaf_ray.data import RenderedSample, overlapping_tokens, pad_batch
 
 # Words, punctuation runs and whitespace runs: the pieces that both tokenizers' scores
 # are projected onto, and that pruning keeps or cuts whole.
@@ -89,25 +89,12 @@ def prepare_for_scoring(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def collate(items: Sequence[ScoringItem], padding_side: str = "right",
-            pad_id: int = 0) -> dict[str, torch.Tensor]:
+def collate(items: Sequence[ScoringItem], padding_side: str = "right", pad_id: int = 0) -> dict[str, torch.Tensor]:
     """Pad a batch; ``target_mask[b, t]`` marks tokens whose prediction is in the loss."""
-    width = max(len(item.input_ids) for item in items)
-    batch = len(items)
-    input_ids = torch.full((batch, width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((batch, width), dtype=torch.long)
-    target_mask = torch.zeros((batch, width), dtype=torch.bool)
-    for b, item in enumerate(items):
-        n = len(item.input_ids)
-        offset = width - n if padding_side == "left" else 0
-        input_ids[b, offset:offset + n] = torch.tensor(list(item.input_ids), dtype=torch.long)
-        attention_mask[b, offset:offset + n] = 1
-        targets = [offset + i for i in item.target_tokens if i > 0]  # token 0 has no predecessor
-        if not targets:
-            raise ValueError("sample has no target tokens to take the loss on")
-        target_mask[b, targets] = True
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "target_mask": target_mask,
-            "offsets": torch.tensor([width - len(i.input_ids) if padding_side == "left" else 0 for i in items])}
+    targets = [[i for i in item.target_tokens if i > 0] for item in items]  # token 0 has no predecessor
+    if not all(targets):
+        raise ValueError("sample has no target tokens to take the loss on")
+    return pad_batch([item.input_ids for item in items], targets, pad_id, padding_side)
 
 
 def embedding_grad_norms(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:

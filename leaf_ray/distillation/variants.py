@@ -1,0 +1,94 @@
+"""The students a run can distil, each defined once with its rules.
+
+| variant              | lam      | batch | counterfactuals cut at            |
+|----------------------|----------|-------|-----------------------------------|
+| kd                   | 1        | 1x    | none (the paper's "KD w/o mask")  |
+| kd_compute_matched   | 1        | 2x    | none; as many sequences as LeaF   |
+| leaf                 | config's | 1x    | the detected confounder spans     |
+| leaf_instr_resp      | config's | 1x    | instruction and reasoning prefix  |
+| random               | config's | 1x    | random spans, as much text        |
+| oracle               | config's | 1x    | the ground-truth confounder       |
+
+:func:`variant_config` turns one distillation config into a variant's, and says what it
+changed; :func:`variant_pairs` builds a variant's training pairs from scored records.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from leaf_ray.config import DistillationConfig, PruningConfig
+from leaf_ray.data import Record, TrainingPair
+from leaf_ray.detection.pruning import confounder_mask, counterfactuals, mask_of_spans, random_mask_like
+from leaf_ray.detection.scorer import ScoredRecord
+from leaf_ray.evaluation import confounder_spans
+
+
+@dataclass(frozen=True)
+class Variant:
+    what: str
+    lam: float | None  # fixed lam, or None: the config's
+    batch_multiplier: int
+    spans: Literal["none", "detected", "random", "oracle"]
+    needs: str | None = None  # what the pipeline must provide that it does not yet, if anything
+
+
+VARIANTS: dict[str, Variant] = {
+    "kd": Variant("plain KD on the originals", 1.0, 1, "none"),
+    "kd_compute_matched": Variant("plain KD with twice the batch, as many sequences per step as LeaF", 1.0, 2, "none"),
+    "leaf": Variant("the hybrid loss, counterfactuals cut at the detected confounders", None, 1, "detected"),
+    "leaf_instr_resp": Variant("LeaF on instruction and reasoning-prefix counterfactuals", None, 1, "detected",
+                               needs="a response-level scoring pass over multi-step responses"),
+    "random": Variant("control: as much text cut at random places", None, 1, "random"),
+    "oracle": Variant("control: the ground-truth confounder cut", None, 1, "oracle"),
+}
+
+
+def variant_config(base: DistillationConfig, variant: str) -> tuple[DistillationConfig, list[str]]:
+    """The distillation config of ``variant`` and a line per setting the variant overrode.
+
+    A shared section (a pipeline's, written for LeaF) is normalised to each variant. A
+    section that names ``variant`` itself and sets a ``lam`` the variant forbids is a
+    contradiction, and is rejected with the field to change.
+    """
+    rules = VARIANTS[variant]
+    if (base.variant == variant and rules.lam is not None and "lam" in base.model_fields_set
+            and base.lam != rules.lam):
+        raise ValueError(f"distillation.lam: variant {variant!r} trains with lam = {rules.lam} ({rules.what}); "
+                         f"drop lam or set it to {rules.lam}")
+    update: dict = {"variant": variant}
+    if rules.lam is not None:
+        update["lam"] = rules.lam
+    if rules.batch_multiplier != 1:
+        update["batch_size"] = base.batch_size * rules.batch_multiplier
+    changes = [f"{key}: {getattr(base, key)} -> {value}" for key, value in update.items()
+               if key != "variant" and getattr(base, key) != value]
+    # model_validate, not model_copy: the copy must pass the same checks as a file would.
+    return DistillationConfig.model_validate({**base.model_dump(), **update}), changes
+
+
+def variant_pairs(variant: str, scored: Sequence[ScoredRecord], pruning: PruningConfig, seed: int
+                  ) -> list[TrainingPair]:
+    """Originals with the counterfactuals ``variant`` trains on, cut from their scores."""
+    spans = VARIANTS[variant].spans
+    rng = np.random.default_rng(seed)
+    pairs = []
+    for s in scored:
+        if spans == "none":
+            pairs.append(TrainingPair(s.record))
+            continue
+        detected, threshold = confounder_mask(s.scores, pruning)
+        if spans == "random":
+            mask = random_mask_like(s.scores, detected, rng)
+        elif spans == "oracle":
+            mask = mask_of_spans(s.scores, confounder_spans(s.record.meta))
+        else:
+            mask = detected
+        rows = counterfactuals(s.record, s.scores, pruning, level=s.level, text_offset=s.text_offset,
+                               mask=mask, threshold=threshold)
+        pairs.append(TrainingPair(s.record, [Record.from_dict(r) for r in rows]))
+    return pairs

@@ -1,0 +1,190 @@
+"""The whole LeaF run on Ray, stage by stage (what ``make demo`` and jobs/pipeline.py run).
+
+    prepare -> score (Ray Data) -> verify (optional, vLLM) -> distill each variant (Ray Train)
+    -> evaluate -> serve the LeaF student and query it (Ray Serve + vLLM) -> report
+
+Every stage reads and writes the run folder (:class:`leaf_ray.config.RunLayout`) and is
+skipped when its output is already complete, so rerunning the same config after a failure
+resumes at the stage that failed (scoring and distillation also resume inside themselves).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from leaf_ray.config import PipelineConfig
+from leaf_ray.data import iter_records
+from leaf_ray.detection.scorer import ScoredRecord
+from leaf_ray.detection.store import is_training_set, read_originals, read_scores, write_training_set
+from leaf_ray.distillation.variants import VARIANTS, variant_pairs
+
+
+def run_pipeline(config: PipelineConfig, config_path: str | None = None) -> dict[str, Any]:
+    from leaf_ray.report import write_report
+
+    layout = config.layout
+    layout.root.mkdir(parents=True, exist_ok=True)
+    clock = StageClock()
+    report: dict[str, Any] = {"name": config.name, "config": config_path, "seeds": 1}
+
+    with clock.stage("prepare") as entry:
+        benchmark = config.benchmark
+        entry["skipped"] = benchmark is None or (Path(benchmark.output_dir) / "provenance.json").exists()
+        if not entry["skipped"]:
+            from leaf_ray.synthetic.build import build
+
+            build(benchmark)
+
+    with clock.stage("score") as entry:
+        from leaf_ray.distributed.scoring import run_scoring
+
+        summary = run_scoring(config)
+        entry.update(records=summary["scored"], tokens_per_s=summary["this_run"]["tokens_per_s"],
+                     skipped=summary["this_run"]["records"] == 0)
+        report["scoring"] = summary
+
+    if config.verification is not None:
+        with clock.stage("verify") as entry:
+            from leaf_ray.distributed.verify import run_verification
+
+            entry["skipped"] = (layout.verify / "summary.json").exists()
+            report["verification"] = run_verification(config)
+
+    # A variant that needs something the pipeline does not produce is reported, not trained.
+    variants = [v for v in config.variants if VARIANTS[v].needs is None]
+    if config.distillation is not None:
+        from leaf_ray.distributed.distill import DistillationRun, run_distillation
+
+        for variant in variants:
+            with clock.stage(f"distill_{variant}") as entry:
+                run = DistillationRun.for_variant(config, variant, training_set(config, variant))
+                entry["skipped"] = (Path(run.output_dir) / "export.json").exists()
+                result = run_distillation(run)
+                steps_s = result["metrics"].get("step_s")
+                entry.update(steps=result["metrics"]["step"], **({"step_s": round(steps_s, 4)} if steps_s else {}))
+
+    if config.evaluation is not None and config.distillation is not None:
+        with clock.stage("evaluate") as entry:
+            entry["skipped"] = layout.evaluation.exists()
+            if not entry["skipped"]:
+                layout.evaluation.write_text(json.dumps(evaluate(config, variants), indent=2) + "\n")
+            report.update(json.loads(layout.evaluation.read_text()))
+            for variant in config.variants:
+                if variant not in variants:
+                    report["accuracy"][variant] = {"skipped": f"needs {VARIANTS[variant].needs}, "
+                                                              "which this pipeline does not run"}
+
+    if config.serving is not None:
+        with clock.stage("serve"):
+            report["serving"] = serve_and_query(config)
+
+    report["stages"] = clock.stages
+    write_report(layout.root, report)
+    return report
+
+
+class StageClock:
+    """Wall time (and whether it was skipped) of each stage, for the report."""
+
+    def __init__(self) -> None:
+        self.stages: dict[str, dict[str, Any]] = {}
+
+    @contextmanager
+    def stage(self, name: str):
+        entry: dict[str, Any] = {"skipped": False}
+        self.stages[name] = entry
+        started = time.perf_counter()
+        print(f"[leaf-ray] stage {name}", flush=True)
+        try:
+            yield entry
+        finally:
+            entry["wall_s"] = round(time.perf_counter() - started, 2)
+
+
+def scored_records(config: PipelineConfig) -> list[ScoredRecord]:
+    """The instruction-level scores of the run, each with its original record."""
+    records = {r.id: r for r in read_originals(config.layout.score)}
+    return [ScoredRecord.from_row(row, records[row["id"]])
+            for row in read_scores(config.layout.score) if row["level"] == "instruction"]
+
+
+def training_set(config: PipelineConfig, variant: str) -> Path:
+    """The training set a variant trains on: the scoring (or verification) output for KD and
+    LeaF; for the controls, counterfactuals cut from other spans, written once."""
+    layout = config.layout
+    if VARIANTS[variant].spans not in ("random", "oracle"):
+        return layout.verify if config.verification else layout.score
+    folder = layout.variant_data(variant)
+    if not is_training_set(folder):
+        pairs = variant_pairs(variant, scored_records(config), config.pruning, seed=config.distillation.seed)
+        write_training_set(folder, pairs, {"variant": variant, "pairs": len(pairs)})
+    return folder
+
+
+def evaluate(config: PipelineConfig, variants: list[str]) -> dict[str, Any]:
+    """Accuracy of every model on every test file; detection, attention, report samples."""
+    from leaf_ray.evaluation import attention_mass, confounder_spans, evaluate_models, grade_detection
+    from leaf_ray.models import load_model
+
+    evaluation = config.evaluation
+    models = {"teacher": load_model(config.teacher), "student": load_model(config.student)}
+    for variant in variants:
+        models[variant] = load_model(config.layout.model(variant))
+    result: dict[str, Any] = {"accuracy": evaluate_models(models, evaluation.data, evaluation.checker,
+                                                          evaluation.max_new_tokens, evaluation.batch_size)}
+
+    records = {r.id: r for r in read_originals(config.layout.score)}
+    rows = read_scores(config.layout.score)
+    if any(confounder_spans(r.meta) for r in records.values()):
+        result["detection"] = {"records": len(rows), **grade_detection(rows, {i: r.meta for i, r in records.items()})}
+        pruning = config.pruning
+        result["detection"]["threshold"] = (f"quantile {pruning.quantile} (cap {pruning.quantile_cap})"
+                                            if pruning.threshold == "quantile" else f"absolute tau {pruning.tau}")
+    first = list(iter_records(evaluation.data[0]))
+    if evaluation.attention and any(confounder_spans(r.meta) for r in first):
+        result["attention"] = {name: attention_mass(model, tokenizer, first)
+                               for name, (model, tokenizer) in models.items() if name != "teacher"}
+    result["samples"] = [{**row, "true_spans": [list(s) for s in confounder_spans(records[row["id"]].meta)]}
+                         for row in rows if row["level"] == "instruction"][: evaluation.samples]
+    return result
+
+
+def serve_and_query(config: PipelineConfig) -> dict[str, Any]:
+    """Deploy the Serve app (left running) and ask it one test question over HTTP."""
+    import requests
+    from ray import serve
+
+    from leaf_ray.serving.app import build_app
+
+    serving = config.serving
+    model = serving.model or str(config.layout.model("leaf").resolve())
+    serve.start(http_options={"host": "127.0.0.1", "port": serving.port})
+    serve.run(build_app({**serving.model_dump(), "model": model}), name=config.name, route_prefix="/", blocking=False)
+    url = f"http://127.0.0.1:{serving.port}/v1"
+    question = next(iter(iter_records(config.evaluation.data[0]))).instruction if config.evaluation else "Hello"
+    started = time.perf_counter()
+    reply = requests.post(f"{url}/chat/completions", timeout=120, json={
+        "model": serving.model_id, "max_tokens": 16, "temperature": 0.0,
+        "messages": [{"role": "user", "content": question}]})
+    reply.raise_for_status()
+    return {"url": url, "model_id": serving.model_id, "latency_s": round(time.perf_counter() - started, 3),
+            "sample": {"prompt": question, "answer": reply.json()["choices"][0]["message"]["content"]}}
+
+
+def closing_message(config: PipelineConfig, report: dict[str, Any]) -> str:
+    """Where the report is, the accuracy table, and a curl line for the served student."""
+    lines = [f"\nreport: {config.layout.root.resolve() / 'report.html'}"]
+    accuracy = report.get("accuracy") or {}
+    for name, row in accuracy.items():
+        values = "  ".join(f"{k} {v:.3f}" for k, v in row.items() if isinstance(v, float))
+        lines.append(f"  {name:>20}  " + (f"skipped: {row['skipped']}" if "skipped" in row else values))
+    serving = report.get("serving")
+    if serving:
+        body = json.dumps({"model": serving["model_id"], "max_tokens": 16,
+                           "messages": [{"role": "user", "content": serving["sample"]["prompt"]}]})
+        lines.append(f"served: curl {serving['url']}/chat/completions -H 'Content-Type: application/json' -d '{body}'")
+    return "\n".join(lines)

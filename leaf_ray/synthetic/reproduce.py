@@ -1,0 +1,85 @@
+"""``leaf-ray bench reproduce``: distillation variants and controls on the embedded benchmark.
+
+For each family: score the distillation corpus once with teacher and student, then for
+each variant and seed distil a fresh copy of the student and measure it on the held-out
+conflict and clean sets. The variants and their rules are defined once, in
+:mod:`leaf_ray.distillation.variants`; training is :func:`leaf_ray.distillation.loop.train`,
+the loop every Ray Train worker runs. ``leaf_instr_resp`` needs multi-step responses, which
+the benchmark does not have, so it is rejected here rather than silently equal to ``leaf``.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+from pathlib import Path
+from typing import Any
+
+from leaf_ray.config import DistillationConfig, PruningConfig, ScoringConfig
+from leaf_ray.data import iter_records
+from leaf_ray.detection.scorer import PairScorer
+from leaf_ray.distillation.loop import train
+from leaf_ray.distillation.losses import shared_vocab_size
+from leaf_ray.distillation.variants import VARIANTS, variant_config, variant_pairs
+from leaf_ray.evaluation import accuracy, attention_mass
+from leaf_ray.models import load_model
+
+BENCH_VARIANTS = ("kd", "kd_compute_matched", "leaf", "random", "oracle")
+
+
+def reproduce(embedded: Path, families: list[str], variants: list[str], seeds: list[int],
+              base: DistillationConfig, pruning: PruningConfig, eval_records: int = 300) -> dict[str, Any]:
+    for variant in variants:
+        if VARIANTS[variant].needs is not None:
+            raise ValueError(f"{variant} needs {VARIANTS[variant].needs}; the embedded benchmark's responses "
+                             "are single answers")
+    teacher, tokenizer = load_model(embedded / "teacher")
+    pristine, student_tokenizer = load_model(embedded / "student")
+    vocab = shared_vocab_size(tokenizer, student_tokenizer, teacher.config.vocab_size, pristine.config.vocab_size)
+    results: dict[str, Any] = {}
+    for family in families:
+        data = embedded / "data" / family
+        corpus = list(iter_records(data / "distill.jsonl"))
+        tests = {name: list(iter_records(data / f"test_{name}.jsonl"))[:eval_records] for name in ("conflict", "clean")}
+        scorer = PairScorer(teacher, tokenizer, pristine, student_tokenizer, ScoringConfig(corpus=str(data), max_length=512))
+        scored, errors = scorer.score(corpus)
+        if errors:
+            raise RuntimeError(f"{family}: {len(errors)} records failed to score, first: {errors[0]}")
+        results[family] = {}
+        for variant in variants:
+            runs = []
+            for seed in seeds:
+                config, _ = variant_config(base.model_copy(update={"seed": seed}), variant)
+                student = copy.deepcopy(pristine).requires_grad_(True)
+                curve = []
+
+                def on_step(metrics: dict[str, Any], _state: dict[str, Any]) -> None:
+                    if metrics["step"] % config.validation_interval(len(scored)) == 0:
+                        student.eval()
+                        curve.append({"step": metrics["step"], "conflict_acc_100": accuracy(
+                            student, student_tokenizer, tests["conflict"][:100]).accuracy})
+
+                train(student, teacher, student_tokenizer, variant_pairs(variant, scored, pruning, seed), config,
+                      vocab, report=on_step)
+                final = {f"{name}_acc": accuracy(student, student_tokenizer, records).accuracy
+                         for name, records in tests.items()}
+                final["attention_mass"] = attention_mass(student, student_tokenizer, tests["conflict"])
+                final["curve"] = curve
+                runs.append(final)
+            results[family][variant] = summarise(runs, seeds, config)
+    return results
+
+
+def summarise(runs: list[dict[str, Any]], seeds: list[int], config: DistillationConfig) -> dict[str, Any]:
+    conflict = [r["conflict_acc"] for r in runs]
+    return {
+        "conflict_acc_mean": statistics.mean(conflict),
+        "conflict_acc_std": statistics.stdev(conflict) if len(conflict) > 1 else 0.0,
+        "clean_acc_mean": statistics.mean(r["clean_acc"] for r in runs),
+        "attention_mass_mean": statistics.mean(r["attention_mass"] for r in runs),
+        "seeds": seeds,
+        "steps": config.max_steps,
+        "batch_size": config.batch_size,
+        "lam": config.lam,
+        "runs": runs,
+    }
