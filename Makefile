@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-cpu
 
-.PHONY: install demo stop test bench reproduce clean
+.PHONY: install cluster demo stop test bench reproduce clean
 
 install: $(STAMP)
 
@@ -21,12 +21,19 @@ $(STAMP): pyproject.toml
 	$(PY) -c "import torch, transformers.models.llama, ray, vllm; print('installed: torch', torch.__version__, '| ray', ray.__version__, '| vllm', vllm.__version__)"
 	touch $(STAMP)
 
-# The pipeline as a Ray job on a local cluster started for it (8 logical CPUs: vLLM's engine, the
-# Serve ingress, the scoring actor and the Train worker each reserve some). The cluster stays up
-# afterwards, serving the LeaF student; `make stop` shuts it down.
-RAY_ENV := PATH=$(CURDIR)/$(VENV)/bin:$$PATH RAY_AUTH_MODE=token
-demo: $(STAMP)
-	$(RAY_ENV) ray status >/dev/null 2>&1 || $(RAY_ENV) ray start --head --num-cpus 8 --disable-usage-stats
+# A local Ray cluster for the demo (8 logical CPUs: vLLM's engine, the Serve ingress, the scoring
+# actor and the Train worker each reserve some). Token authentication stays on; `ray start` with
+# RAY_AUTH_MODE=token fails when ~/.ray/auth_token does not exist yet (a fresh HOME), so the
+# token is generated first when missing. Left alone when a cluster is already up.
+RAY_ENV       := PATH=$(CURDIR)/$(VENV)/bin:$$PATH RAY_AUTH_MODE=token
+RAY_HEAD_ARGS ?= --num-cpus 8 --disable-usage-stats
+cluster: $(STAMP)
+	$(RAY_ENV) ray status >/dev/null 2>&1 || { \
+	  $(RAY_ENV) ray get-auth-token --generate >/dev/null && $(RAY_ENV) ray start --head $(RAY_HEAD_ARGS); }
+
+# The pipeline as a Ray job on that cluster. The cluster stays up afterwards, serving the LeaF
+# student; `make stop` shuts it down.
+demo: cluster
 	$(RAY_ENV) ray job submit --working-dir . -- python jobs/pipeline.py --config configs/demo.yaml --run-dir $(CURDIR)/runs/demo
 
 stop:

@@ -21,15 +21,19 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow,
 
 
 @pytest.fixture
-def cluster():
-    """A head node on its own ports; the venv first on PATH so the job's `python` is this one.
-    Token authentication stays on: `ray start` writes ~/.ray/auth_token, and the CLI sends it
-    when RAY_AUTH_MODE=token (as the README says)."""
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "RAY_AUTH_MODE": "token"}
+def cluster(tmp_path_factory):
+    """The Makefile's cluster start, as `make demo` runs it, on a fresh machine: HOME is an empty
+    folder (no ~/.ray, no token yet) and no cluster is running. Token authentication stays on:
+    the CLI sends the token from HOME/.ray/auth_token when RAY_AUTH_MODE=token (as the README says).
+    Own ports, so that it never meets a cluster `make demo` left running."""
+    home = tmp_path_factory.mktemp("fresh-home")
+    env = {**os.environ, "HOME": str(home), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "RAY_AUTH_MODE": "token"}
     env.pop("RAY_ADDRESS", None)
-    started = subprocess.run([BIN / "ray", "start", "--head", "--port", "6390", "--dashboard-port", "8275",
-                              "--num-cpus", "4", "--disable-usage-stats"], env=env, capture_output=True, text=True)
+    args = "--port 6390 --dashboard-port 8275 --num-cpus 4 --disable-usage-stats"
+    started = subprocess.run(["make", "--no-print-directory", "cluster", f"RAY_HEAD_ARGS={args}"], cwd=ROOT, env=env,
+                             capture_output=True, text=True)
     assert started.returncode == 0, started.stdout + started.stderr
+    assert (home / ".ray" / "auth_token").read_text().strip()  # made for this HOME, not borrowed
     yield {**env, "RAY_ADDRESS": "http://127.0.0.1:8275"}
     subprocess.run([BIN / "ray", "stop", "--force"], env=env, capture_output=True)
 
