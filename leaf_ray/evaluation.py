@@ -50,15 +50,27 @@ def greedy_generate(model, tokenizer, instructions: Sequence[str], max_new_token
     outputs: list[str] = []
     starts = range(0, len(instructions), batch_size)
     for start in tqdm(starts, desc="generate", disable=not progress, unit="batch"):
-        batch = pad_batch([prompt_token_ids(tokenizer, text) for text in instructions[start:start + batch_size]],
-                          pad_id=pad_id, side="left")
+        prompts = [prompt_token_ids(tokenizer, text) for text in instructions[start:start + batch_size]]
+        batch = pad_batch(prompts, pad_id=pad_id, side="left")
         width = batch["input_ids"].shape[1]
         generated = model.generate(input_ids=batch["input_ids"].to(device),
                                    attention_mask=batch["attention_mask"].to(device),
                                    max_new_tokens=max_new_tokens, do_sample=False,
                                    pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id)
-        outputs += tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)
+        outputs += [continuation_text(tokenizer, ids, new.tolist()) for ids, new in zip(prompts, generated[:, width:])]
     return outputs
+
+
+def continuation_text(tokenizer, prompt_ids: Sequence[int], new_ids: Sequence[int]) -> str:
+    """The text ``new_ids`` add after the prompt, as vLLM detokenizes it: in context.
+
+    Decoding the new tokens alone loses the leading space of a SentencePiece ``▁word`` piece
+    (Mistral, Gemma), so transformers and vLLM would return different strings for the same
+    tokens. Special tokens (the end-of-turn) are skipped, as vLLM does.
+    """
+    prompt = tokenizer.decode(prompt_ids, skip_special_tokens=True)
+    whole = tokenizer.decode([*prompt_ids, *new_ids], skip_special_tokens=True)
+    return whole[len(prompt):] if whole.startswith(prompt) else tokenizer.decode(new_ids, skip_special_tokens=True)
 
 
 def shortcut_number(meta: dict[str, Any]) -> str | None:

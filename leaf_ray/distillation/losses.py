@@ -39,7 +39,10 @@ def shared_vocab_size(teacher_tokenizer, student_tokenizer, teacher_vocab: int, 
         only_s = len(set(s_vocab.items()) - set(t_vocab.items()))
         raise VocabularyMismatchError(
             f"teacher and student tokenizers differ ({only_t} token ids only in the teacher's, "
-            f"{only_s} only in the student's); logit distillation needs one tokenizer")
+            f"{only_s} only in the student's); logit distillation needs one tokenizer. Scoring works across "
+            f"tokenizers, but to distil pick a teacher of the student's family (same tokenizer), or distil "
+            f"from the teacher's generated answers instead (cross-tokenizer losses such as ULD/GOLD are "
+            f"not implemented here)")
     shared = min(teacher_vocab, student_vocab)
     needed = max(t_vocab.values()) + 1
     if shared < needed:

@@ -161,6 +161,18 @@ def checkpoints_newest_first(folder: Path) -> list[Path]:
     return sorted(steps, key=lambda directory: (steps[directory], directory.name), reverse=True)
 
 
+def check_vocabularies(run: DistillationRun) -> None:
+    """Refuse a teacher and student whose tokenizers differ before any Ray worker starts
+    (the workers would fail the same way, later and in a worker's log)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from leaf_ray.distillation.losses import shared_vocab_size
+
+    shared_vocab_size(AutoTokenizer.from_pretrained(run.teacher), AutoTokenizer.from_pretrained(run.student),
+                      AutoConfig.from_pretrained(run.teacher).vocab_size,
+                      AutoConfig.from_pretrained(run.student).vocab_size)
+
+
 def read_history(log: Path) -> list[dict[str, Any]]:
     """The metrics log by step; a step an attempt repeated after resuming keeps its last entry."""
     by_step = {}
@@ -183,6 +195,7 @@ def run_distillation(run: DistillationRun) -> dict[str, Any]:
     if done.exists():
         return json.loads(done.read_text())
     started = time.perf_counter()
+    check_vocabularies(run)
     train_pairs, validation = split_validation(read_training_set(Path(run.data_dir)), config.validation_fraction,
                                                config.validation_max_records)
     if not train_pairs:
