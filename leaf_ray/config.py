@@ -131,6 +131,9 @@ class DistillationConfig(StageConfig):
     @model_validator(mode="after")
     def _batch_divides(self) -> DistillationConfig:
         # The variants' own rules (lam, batch) are checked by leaf_ray.distillation.variants.variant_config.
+        if self.strategy == "fsdp" and not self.use_gpu:
+            raise ValueError("strategy: 'fsdp' needs use_gpu: true (Ray Train's FSDP wrapper refuses CPU "
+                             "workers); use strategy: ddp on CPUs")
         if self.batch_size % (self.grad_accum * self.num_workers):
             raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of grad_accum * num_workers "
                              f"({self.grad_accum} * {self.num_workers})")
