@@ -147,8 +147,9 @@ def serve_model(
     import yaml
     from ray import serve
 
-    deploy = yaml.safe_load((config or Path("serve/config.yaml")).read_text(encoding="utf-8")) if (
-        config or Path("serve/config.yaml").exists()) else {"applications": [{"args": {}}]}
+    config = config or Path("serve/config.yaml")
+    deploy = (yaml.safe_load(config.read_text(encoding="utf-8")) if config.exists()
+              else {"applications": [{"args": {}}]})  # outside the repository: ServingConfig's defaults
     application = deploy["applications"][0]
     args = {**application.get("args", {}), "model": str(model.resolve())}
     # Replicas need not run in this directory: relative local paths become absolute.

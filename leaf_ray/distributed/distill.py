@@ -17,7 +17,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -60,9 +60,8 @@ class DistillationRun:
 
     def resolved(self) -> DistillationRun:
         """Absolute paths: Ray Train workers do not run in the driver's working directory."""
-        absolute = {key: str(Path(getattr(self, key)).resolve())
-                    for key in ("teacher", "student", "data_dir", "output_dir")}
-        return DistillationRun(**{**asdict(self), "config": self.config, **absolute})
+        return replace(self, **{key: str(Path(getattr(self, key)).resolve())
+                                for key in ("teacher", "student", "data_dir", "output_dir")})
 
 
 def pair_to_row(pair: TrainingPair) -> dict[str, str]:
