@@ -118,7 +118,8 @@ class DistillationConfig(StageConfig):
     num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP ranks).")
     use_gpu: bool = Field(False, description="Ray Train workers on GPUs (nccl) instead of CPUs (gloo).")
     strategy: Literal["ddp", "fsdp"] = Field("ddp",
-        description="Data parallelism of the student: 'ddp', or 'fsdp' on GPUs.")
+        description="Data parallelism of the student: 'ddp' (a replica per worker) or 'fsdp' "
+                    "(FSDP2: parameters, gradients and optimizer state sharded over workers; gloo or nccl).")
     max_failures: int = Field(2, ge=0,
         description="Worker-group restarts from the last checkpoint before the run fails.")
     seed: int = Field(0, description="Seeds sampling and initialisation; the same seed gives the same run.")
@@ -131,9 +132,6 @@ class DistillationConfig(StageConfig):
     @model_validator(mode="after")
     def _batch_divides(self) -> DistillationConfig:
         # The variants' own rules (lam, batch) are checked by leaf_ray.distillation.variants.variant_config.
-        if self.strategy == "fsdp" and not self.use_gpu:
-            raise ValueError("strategy: 'fsdp' needs use_gpu: true (Ray Train's FSDP wrapper refuses CPU "
-                             "workers); use strategy: ddp on CPUs")
         if self.batch_size % (self.grad_accum * self.num_workers):
             raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of grad_accum * num_workers "
                              f"({self.grad_accum} * {self.num_workers})")

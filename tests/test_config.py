@@ -106,15 +106,3 @@ def test_validate_rejects_a_variant_its_section_contradicts(tmp_path):
     raw["distillation"] = {"lam": 0.5}  # a shared section written for LeaF: kd is normalised, not refused
     path.write_text(yaml.safe_dump(raw))
     assert CliRunner().invoke(app, ["validate", str(path)]).exit_code == 0
-
-
-def test_fsdp_on_cpu_workers_is_refused_at_load_time(tmp_path):
-    """Ray Train's prepare_model raises for FSDP without CUDA, inside a worker; the config says so first."""
-    path = tmp_path / "fsdp.yaml"
-    path.write_text(yaml.safe_dump({"teacher": "t", "student": "s", "scoring": {"corpus": "c"},
-                                    "distillation": {"strategy": "fsdp"}}))
-    with pytest.raises(ConfigError, match="strategy: 'fsdp' needs use_gpu: true"):
-        load_config(path, PipelineConfig)
-    path.write_text(yaml.safe_dump({"teacher": "t", "student": "s", "scoring": {"corpus": "c"},
-                                    "distillation": {"strategy": "fsdp", "use_gpu": True}}))
-    assert load_config(path, PipelineConfig).distillation.strategy == "fsdp"

@@ -11,7 +11,8 @@ originals and counterfactuals in one pool, as the official code does.
 :func:`train` is the only optimizer loop. It runs as rank ``r`` of ``world`` workers: a
 Ray Train worker calls it with its rank and a ``report`` callback that checkpoints, the
 embedded benchmark's harness calls it with rank 0 of 1. It is plain PyTorch; with
-``torch.distributed`` initialised (DDP), losses and validation sums are all-reduced.
+``torch.distributed`` initialised (DDP or FSDP, :mod:`leaf_ray.distillation.parallel`),
+losses and validation sums are all-reduced.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from tqdm.auto import tqdm
 from leaf_ray.config import DistillationConfig
 from leaf_ray.data import Record, TrainingPair, encode_for_training
 from leaf_ray.distillation.losses import distill_loss, leaf_loss
+from leaf_ray.distillation.parallel import bare_model, clip_gradients, load_optimizer_state, lockstep_forwards
 
 
 def sample_batch(pairs: Sequence[TrainingPair], config: DistillationConfig, size: int, rng: random.Random
@@ -162,26 +164,25 @@ def validation_loss(student, teacher, tokenizer, records: Sequence[Record], conf
 
 def validate(student, teacher, tokenizer, validation: Sequence[TrainingPair], config: DistillationConfig,
              vocab: int, rank: int = 0, world: int = 1) -> dict[str, float]:
-    """Validation KD loss over every worker's slice; answer accuracy when the records have answers."""
+    """Validation KD loss over every worker's slice; answer accuracy when the records have answers.
+
+    With ``world == 1`` every caller validates the whole set itself: one process, or FSDP
+    workers in lockstep (see :mod:`leaf_ray.distillation.parallel`).
+    """
     from leaf_ray.evaluation import accuracy
 
     mine = [p.original for p in validation[rank::world]]
     total, tokens = validation_loss(student, teacher, tokenizer, mine, config, vocab) if mine else (0.0, 0)
     answered = [r for r in mine if r.answer is not None]
     correct = accuracy(student, tokenizer, answered, config.checker).accuracy * len(answered) if answered else 0.0
-    total, tokens, correct, counted = all_reduce_sum([total, tokens, correct, len(answered)])
+    if world > 1:
+        total, tokens, correct, counted = all_reduce_sum([total, tokens, correct, len(answered)])
+    else:
+        counted = len(answered)
     metrics = {"val_loss": total / max(tokens, 1)}
     if counted:
         metrics["val_accuracy"] = correct / counted
     return metrics
-
-
-def clip_gradients(model: torch.nn.Module, max_norm: float) -> None:
-    """Clip by the *global* norm: an FSDP wrapper knows its shards and has its own method."""
-    if hasattr(model, "clip_grad_norm_"):
-        model.clip_grad_norm_(max_norm)
-    else:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
 
 
 StepReport = Callable[[dict[str, Any], dict[str, Any]], None]
@@ -192,12 +193,13 @@ def train(model, teacher, tokenizer, pairs: Sequence[TrainingPair], config: Dist
           report: StepReport | None = None) -> list[dict[str, Any]]:
     """Distil for ``max_steps`` optimizer steps of ``batch_size`` pairs split over ``world`` workers.
 
-    ``model`` is the student, possibly wrapped by DDP/FSDP; ``teacher`` is frozen here.
-    ``resume`` is a training state from an earlier call's ``report`` (optimizer, schedule,
-    step): the run continues at the next step with the same data, because rank ``r``'s
-    batches come from a generator seeded by ``(seed, r)`` that is replayed to the step.
-    ``report(metrics, state)`` is called after every step; ``state`` holds what a checkpoint
-    needs. Validation runs every ``validation_interval`` steps and at the end.
+    ``model`` is the student, possibly wrapped by DDP or sharded by FSDP; ``teacher`` is
+    frozen here. ``resume`` is a training state an earlier call's checkpoint saved (full
+    optimizer state, schedule, step): the run continues at the next step with the same data,
+    because rank ``r``'s batches come from a generator seeded by ``(seed, r)`` that is
+    replayed to the step. ``report(metrics, state)`` is called after every step on every
+    worker; ``state`` holds the model, optimizer and schedule a checkpoint needs. Validation
+    runs every ``validation_interval`` steps and at the end.
     Returns this call's per-step metrics.
     """
     teacher.eval().requires_grad_(False)
@@ -205,14 +207,16 @@ def train(model, teacher, tokenizer, pairs: Sequence[TrainingPair], config: Dist
     optimizer, schedule = make_optimizer(model, config)
     start = 0
     if resume is not None:
-        optimizer.load_state_dict(resume["optimizer"])
+        load_optimizer_state(model, optimizer, resume["optimizer"])
         schedule.load_state_dict(resume["schedule"])
         start = resume["step"]
     rng = random.Random(config.seed if world == 1 else f"{config.seed}/{rank}")
     per_worker = config.batch_size // world
     for _ in range(start):  # replay the draws of finished steps: the step is the data position
         sample_batch(pairs, config, per_worker, rng)
-    plain = model.module if hasattr(model, "module") else model  # generation needs the bare model
+    plain = bare_model(model)  # generation needs the Hugging Face model
+    # Sharded forwards are collectives: every FSDP worker validates the whole set in lockstep.
+    val_rank, val_world = (0, 1) if lockstep_forwards(model) else (rank, world)
     validate_every = config.validation_interval(len(pairs))
 
     history = []
@@ -224,19 +228,19 @@ def train(model, teacher, tokenizer, pairs: Sequence[TrainingPair], config: Dist
         originals, counterfactuals = sample_batch(pairs, config, per_worker, rng)
         optimizer.zero_grad(set_to_none=True)
         loss, parts = accumulate_gradients(model, teacher, tokenizer, originals, counterfactuals, config, vocab)
-        clip_gradients(model, config.max_grad_norm)
+        grad_norm = clip_gradients(model, config.max_grad_norm)
         optimizer.step()
         schedule.step()
         names = ["loss", *sorted(parts)]
         means = all_reduce_sum([value / world for value in (loss, *(parts[k] for k in names[1:]))])
-        metrics = {"step": step, **dict(zip(names, means)), "lr": schedule.get_last_lr()[0],
+        metrics = {"step": step, **dict(zip(names, means)), "grad_norm": grad_norm, "lr": schedule.get_last_lr()[0],
                    "step_s": time.perf_counter() - started}
         if validation and (step % validate_every == 0 or step == config.max_steps):
             model.eval()
-            metrics.update(validate(plain, teacher, tokenizer, validation, config, vocab, rank, world))
+            metrics.update(validate(plain, teacher, tokenizer, validation, config, vocab, val_rank, val_world))
         history.append(metrics)
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
         if report is not None:
-            report(metrics, {"optimizer": optimizer, "schedule": schedule, "step": step})
+            report(metrics, {"model": model, "optimizer": optimizer, "schedule": schedule, "step": step})
     model.eval()
     return history

@@ -2,11 +2,12 @@
 
 The driver reads the variant's training set and hands it to
 :class:`~ray.train.torch.TorchTrainer` as Ray Datasets. Each worker loads the teacher and
-the student, wraps the student with ``prepare_model`` (DDP or FSDP), restores the newest
-checkpoint if there is one (:func:`checkpoints_newest_first`), and calls ``train`` with
+the student, restores the newest checkpoint if there is one
+(:func:`checkpoints_newest_first`), wraps the student (DDP through ``prepare_model``, or
+FSDP2, :mod:`leaf_ray.distillation.parallel`), and calls ``train`` with
 its rank and a report callback that writes the metrics log and, every
-``checkpoint_every`` steps, a checkpoint: the student as a Hugging Face directory plus the
-optimizer, the schedule and the step. A rerun with the same ``name`` resumes from the
+``checkpoint_every`` steps, a checkpoint: the full student as a Hugging Face directory plus
+the full optimizer state, the schedule and the step. A rerun with the same ``name`` resumes from the
 newest checkpoint.
 """
 
@@ -75,8 +76,9 @@ def row_to_pair(row: dict[str, str]) -> TrainingPair:
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """One Ray Train worker: load, wrap, restore, then :func:`train` with a checkpointing report."""
+    """One Ray Train worker: load, restore, wrap, then :func:`train` with a checkpointing report."""
     from leaf_ray.distillation.losses import shared_vocab_size
+    from leaf_ray.distillation.parallel import bare_model, full_training_state, shard_student
     from leaf_ray.models import load_model
 
     config = DistillationConfig.model_validate(loop_config["distillation"])
@@ -99,19 +101,23 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         return sorted((row_to_pair(r) for r in ray.train.get_dataset_shard(name).iter_rows()),
                       key=lambda p: p.original.id)
 
-    model = ray.train.torch.prepare_model(student, parallel_strategy=config.strategy)
-    plain = model.module if hasattr(model, "module") else model
+    # Restore before wrapping: the checkpoint holds the full student, which DDP replicates
+    # and FSDP shards like freshly loaded weights.
     resume = None
     for folder in checkpoints_newest_first(Path(loop_config["checkpoints"])):
         try:
             state = torch.load(folder / "training_state.pt", weights_only=False, map_location="cpu")
-            saved = type(plain).from_pretrained(folder / "model", dtype=plain.dtype)
+            saved = type(student).from_pretrained(folder / "model", dtype=student.dtype)
         except Exception as exc:  # a checkpoint a crash cut short: fall back to the one before
             print(f"[leaf-ray] skipping unreadable checkpoint {folder}: {exc}", flush=True)
             continue
-        plain.load_state_dict(saved.state_dict())
+        student.load_state_dict(saved.state_dict())
         resume = state
         break
+    if config.strategy == "fsdp":
+        model = shard_student(student, device, world)
+    else:
+        model = ray.train.torch.prepare_model(student)
 
     fail_at = loop_config["fail_at_step"]
     failed_once = output / f"injected-failure-at-{fail_at}"
@@ -127,12 +133,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         # ray.train.report is a round trip to the controller (about a second here): report
         # at validation and checkpoint steps only; every step is in the metrics log.
         if step % config.checkpoint_every == 0 or step == config.max_steps:
+            # The full student and optimizer state: gathered from every worker under FSDP.
+            weights, optimizer = full_training_state(state["model"], state["optimizer"])
             with tempfile.TemporaryDirectory() as folder:
                 if rank == 0:
-                    plain.save_pretrained(Path(folder) / "model")
+                    bare_model(state["model"]).save_pretrained(Path(folder) / "model", state_dict=weights)
                     tokenizer.save_pretrained(Path(folder) / "model")
-                    torch.save({"optimizer": state["optimizer"].state_dict(),
-                                "schedule": state["schedule"].state_dict(), "step": step},
+                    torch.save({"optimizer": optimizer, "schedule": state["schedule"].state_dict(), "step": step},
                                Path(folder) / "training_state.pt")
                     (Path(folder) / "progress.json").write_text(json.dumps({"step": step}))
                 ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder) if rank == 0 else None)
