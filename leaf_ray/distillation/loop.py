@@ -139,9 +139,12 @@ def accumulate_gradients(student, teacher, tokenizer, originals: list[Record], c
 
 def all_reduce_sum(values: list[float]) -> list[float]:
     """Sums over workers when torch.distributed is up; the values themselves on one process."""
-    tensor = torch.tensor(values, dtype=torch.float64)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(tensor)
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return list(values)
+    # nccl reduces GPU tensors only (gloo, CPU ones).
+    device = torch.cuda.current_device() if torch.distributed.get_backend() == "nccl" else "cpu"
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(tensor)
     return tensor.tolist()
 
 
