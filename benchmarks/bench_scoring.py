@@ -48,7 +48,7 @@ def official_loop(teacher, student, tokenizer, records, out_dir: Path) -> int:
     for index, record in enumerate(records):
         rendered = render_sample(tokenizer, record.instruction, record.response)
         item = ScoringItem.instruction_level(rendered)
-        input_ids = torch.tensor([rendered.input_ids])
+        input_ids = torch.tensor([rendered.input_ids], device=teacher.device)
         labels = torch.full_like(input_ids, -100)
         labels[0, item.target_tokens] = input_ids[0, item.target_tokens]
         norms = []
@@ -58,7 +58,7 @@ def official_loop(teacher, student, tokenizer, records, out_dir: Path) -> int:
             embeds.retain_grad()
             loss = model(inputs_embeds=embeds, attention_mask=torch.ones_like(input_ids), labels=labels).loss
             loss.backward()
-            grad = embeds.grad[0, item.context_tokens].norm(dim=-1).numpy()
+            grad = embeds.grad[0, item.context_tokens].norm(dim=-1).float().cpu().numpy()
             norms.append((grad - grad.min()) / (grad.max() - grad.min()))
         diff = norms[1] - norms[0]
         (out_dir / f"sample_{index}.json").write_text(json.dumps({"id": record.id, "grad_diff": diff.tolist()}))

@@ -38,7 +38,7 @@ MODEL_ID = "leaf-student"
 REQUEST_TIMEOUT_S = 300
 
 
-def naive_deployment():
+def naive_deployment(gpus: int):
     """The baseline: transformers ``generate`` behind FastAPI, one request at a time."""
     import torch
     from fastapi import FastAPI
@@ -49,17 +49,18 @@ def naive_deployment():
 
     api = FastAPI()
 
-    @serve.deployment(max_ongoing_requests=1, ray_actor_options={"num_cpus": 1})
+    @serve.deployment(max_ongoing_requests=1, ray_actor_options={"num_cpus": 1, "num_gpus": gpus})
     @serve.ingress(api)
     class NaiveGenerate:
         def __init__(self, model_dir: str, threads: int):
             torch.set_num_threads(threads)  # the same cores vLLM gets; Ray would pin it to 1
-            self.model, self.tokenizer = load_model(model_dir)
+            self.model, self.tokenizer = load_model(model_dir, dtype="bfloat16" if gpus else "float32")
 
         @api.post("/v1/chat/completions")
         def chat(self, body: dict) -> dict:
             prompt = render_prompt(self.tokenizer, body["messages"][-1]["content"])
-            input_ids = self.tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+            input_ids = self.tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"].to(
+                self.model.device)
             max_tokens = body["max_tokens"]
             output = self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                                          max_new_tokens=max_tokens, min_new_tokens=max_tokens if body.get("ignore_eos") else 0,
@@ -122,8 +123,12 @@ def main() -> None:
     parser.add_argument("--baseline-requests", type=int, default=None, help="Default: --requests.")
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--gpu", action="store_true", help="CUDA vLLM and the baseline on one GPU, bf16")
     parser.add_argument("--output", type=Path, default=REPO / "benchmarks" / "results" / "serve.json")
     args = parser.parse_args()
+    gpus = 1 if args.gpu else 0
+    engine = ({"dtype": "bfloat16", "gpu_memory_utilization": 0.5, "resources": {"num_cpus": 4, "num_gpus": 1}}
+              if args.gpu else {"dtype": "float32"})
 
     import ray
     import torch
@@ -141,15 +146,15 @@ def main() -> None:
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": 8000})
         started = time.perf_counter()
-        serve.run(build_app({"model": str(STUDENT), "model_id": MODEL_ID, "dtype": "float32",
-                             "max_model_len": 512, "focus": False}), name="leaf", route_prefix="/")
+        serve.run(build_app({"model": str(STUDENT), "model_id": MODEL_ID, "max_model_len": 512, "focus": False,
+                             **engine}), name="leaf", route_prefix="/")
         deploy_s = time.perf_counter() - started
         load(URL, warmup, len(warmup), args.max_tokens)
         ours = load(URL, prompts, args.concurrency, args.max_tokens)
         print("vllm:", json.dumps(ours), flush=True)
         serve.delete("leaf")
 
-        serve.run(naive_deployment().bind(str(STUDENT), os.cpu_count() or 1), name="naive", route_prefix="/")
+        serve.run(naive_deployment(gpus).bind(str(STUDENT), os.cpu_count() or 1), name="naive", route_prefix="/")
         load(URL, warmup, 1, args.max_tokens)
         baseline = load(URL, baseline_prompts, args.concurrency, args.max_tokens)
         print("transformers:", json.dumps(baseline), flush=True)
@@ -158,12 +163,14 @@ def main() -> None:
         ray.shutdown()
 
     result = {
-        "device": f"cpu: {cpu_name()}, {os.cpu_count()} cores, no GPU",
+        "device": torch.cuda.get_device_name(0) if args.gpu else f"cpu: {cpu_name()}, {os.cpu_count()} cores, no GPU",
+        "engine": engine,
         **{k: ours[k] for k in ("requests", "concurrency", "errors_5xx", "dropped", "p50_ms", "p99_ms",
                                 "tokens_per_s")},
         "throughput_ratio_vs_hf": round(ours["tokens_per_s"] / baseline["tokens_per_s"], 2),
         "target_ratio": 3.0,
-        "ours": {"what": "leaf_ray/serving/app.py: Ray Serve LLM OpenAI ingress + vLLM (CPU build) LLMServer, 1 replica",
+        "ours": {"what": "leaf_ray/serving/app.py: Ray Serve LLM OpenAI ingress + vLLM "
+                         f"({'CUDA' if args.gpu else 'CPU'} build) LLMServer, 1 replica",
                  "deploy_s": round(deploy_s, 1), **ours},
         "baseline": {"what": "transformers generate, one request at a time (Serve max_ongoing_requests=1), "
                              f"torch threads = {os.cpu_count()}", **baseline},
