@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 import ray
 
 from leaf_ray.config import PipelineConfig, load_config
+from leaf_ray.corpus import check_corpus
 from leaf_ray.distributed.scoring import run_scoring
 
 
@@ -23,6 +25,10 @@ def main() -> None:
     parser.add_argument("--config", required=True, help="pipeline YAML with 'scoring' and 'pruning' sections")
     args = parser.parse_args()
     config = load_config(args.config, PipelineConfig)
+    try:  # the corpus and its columns, before any Ray work: a one-line error naming the field
+        check_corpus(config.scoring)
+    except (FileNotFoundError, ValueError) as exc:
+        sys.exit(f"error: {exc}")
     ray.init()  # joins the cluster of `ray job submit` (RAY_ADDRESS), else starts a local one
     print(json.dumps(run_scoring(config), indent=2))
     if config.verification is not None:

@@ -51,6 +51,17 @@ def _load(path: Path, model):
         raise typer.Exit(2) from None
 
 
+def _check_corpus(cfg: PipelineConfig) -> None:
+    """The corpus pre-flight, before Ray starts: a missing dataset or column is a one-line error."""
+    from leaf_ray.corpus import check_corpus
+
+    try:
+        check_corpus(cfg.scoring)
+    except (FileNotFoundError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
 @app.command()
 def validate(
     config: Annotated[Path, typer.Argument(help="YAML config file.")],
@@ -80,6 +91,7 @@ def score(config: Annotated[Path, typer.Option(help="Pipeline config with 'scori
     from leaf_ray.distributed.scoring import run_scoring
 
     cfg = _load(config, PipelineConfig)
+    _check_corpus(cfg)
     ray.init()
     typer.echo(json.dumps(run_scoring(cfg), indent=2))
     if cfg.verification is not None:
@@ -99,6 +111,8 @@ def run(config: Annotated[Path, typer.Option(help="Pipeline config.")] = Path("c
     cfg = _load(config, PipelineConfig)
     if run_dir:
         cfg = cfg.model_copy(update={"run_dir": run_dir})
+    if cfg.benchmark is None:  # else the prepare stage builds the corpus first
+        _check_corpus(cfg)
     ray.init()
     typer.echo(closing_message(cfg, run_pipeline(cfg, str(config))))
 
@@ -243,7 +257,7 @@ def bench_reproduce(
 def evaluate(
     model: Annotated[Path, typer.Option(help="Hugging Face model directory.")],
     data: Annotated[list[Path], typer.Option(help="JSONL test file(s) in the corpus schema, with 'answer'.")],
-    checker: Annotated[str, typer.Option(help="Answer checker: number (first integer) or exact.")] = "number",
+    checker: Annotated[str, typer.Option(help="Answer checker: number, exact, gsm8k, boxed, or python:module:function.")] = "number",
     engine: Annotated[str, typer.Option(help="Greedy decoding with 'transformers' or 'vllm'.")] = "transformers",
     scores: Annotated[Path | None, typer.Option(help="Scores file (Parquet/JSONL) to grade against meta spans.")] = None,
     attention: Annotated[bool, typer.Option(help="Also report attention mass on the confounder clause.")] = False,
@@ -253,11 +267,14 @@ def evaluate(
 ) -> None:
     """Greedy answer accuracy and copy rate; detection P/R/F1 and attention mass given ground truth."""
     from leaf_ray.data import iter_records
-    from leaf_ray.evaluation import CHECKERS, answer_accuracy, attention_mass, grade_detection, greedy_generate
+    from leaf_ray.checkers import resolve_checker
+    from leaf_ray.evaluation import answer_accuracy, attention_mass, grade_detection, greedy_generate
     from leaf_ray.models import load_model
 
-    if checker not in CHECKERS:
-        raise typer.BadParameter(f"unknown checker {checker!r}; choose from {', '.join(CHECKERS)}", param_hint="--checker")
+    try:
+        resolve_checker(checker)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--checker") from exc
     if engine not in ("transformers", "vllm"):
         raise typer.BadParameter(f"unknown engine {engine!r}; choose transformers or vllm", param_hint="--engine")
     lm, tokenizer = load_model(model)

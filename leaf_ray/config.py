@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Annotated, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
 VariantName = Literal["kd", "kd_compute_matched", "leaf", "leaf_instr_resp", "random", "oracle"]
@@ -21,6 +21,17 @@ class StageConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def _known_checker(name: str) -> str:
+    from leaf_ray.checkers import resolve_checker
+
+    resolve_checker(name)  # raises ValueError naming what is accepted
+    return name
+
+
+# An answer checker of leaf_ray/checkers.py: number, exact, gsm8k, boxed, or python:module:function.
+CheckerName = Annotated[str, AfterValidator(_known_checker)]
+
+
 class ResourcesConfig(StageConfig):
     """Ray resources of one actor / worker / replica."""
 
@@ -28,10 +39,32 @@ class ResourcesConfig(StageConfig):
     num_gpus: float = Field(0.0, ge=0, description="GPUs per actor; > 1 with device_map='auto' splits a teacher.")
 
 
+class ColumnMapping(StageConfig):
+    """Which corpus columns hold each part of a record (leaf_ray/corpus.py)."""
+
+    instruction: str = Field("instruction", description="Column of the prompt.")
+    response: str = Field("response", description="Column of the response to learn.")
+    answer: str | None = Field("answer", description="Column of the reference answer (optional in the data).")
+    id: str | None = Field("id", description="Column of the record id; rows without one get a hash of their text.")
+    messages: str | None = Field(None, description="A chat column instead: the last user turn and the assistant "
+                                                   "turn after it are the instruction and the response.")
+
+    def required(self) -> dict[str, str]:
+        """The columns the corpus must have: the text columns, and any other one named explicitly."""
+        text = {"messages": self.messages} if self.messages else {"instruction": self.instruction,
+                                                                  "response": self.response}
+        named = {f: getattr(self, f) for f in ("answer", "id") if f in self.model_fields_set and getattr(self, f)}
+        return {**text, **named}
+
+
 class ScoringConfig(StageConfig):
     """Stage 1a: gradient sensitivity of teacher and student."""
 
-    corpus: str = Field(..., description="Corpus file (JSONL, JSON array, Parquet) or a folder of them.")
+    corpus: str = Field(..., description="Corpus file (JSONL, JSON array, Parquet) or a folder of them, a "
+                                         "datasets save_to_disk folder, or hf:<repo_id> from the local hub cache.")
+    split: str = Field("train", description="Split of a save_to_disk DatasetDict or an hf: dataset.")
+    subset: str | None = Field(None, description="Subset (config) folder of an hf: dataset, e.g. GSM8K's 'main'.")
+    columns: ColumnMapping = Field(ColumnMapping(), description="Which corpus columns make a record.")
     level: Literal["instruction", "response"] = Field(
         "instruction", description="Score the instruction (prompt), or a prefix of the reasoning.")
     max_length: int = Field(2048, gt=0, description="Records longer than this (tokens) go to errors/.")
@@ -72,7 +105,8 @@ class VerificationConfig(StageConfig):
     that teach something: the teacher right and the student wrong on the original, and
     counterfactuals on which the student gets it right."""
 
-    checker: Literal["exact", "number"] = Field("number", description="How a generated answer is checked.")
+    checker: CheckerName = Field("number", description="How a generated answer is checked: number, exact, gsm8k, "
+                                                         "boxed, or python:module:function.")
     keep_originals: Literal["all", "teacher_right", "teacher_right_student_wrong"] = Field("teacher_right_student_wrong",
         description="Which originals are kept for distillation.")
     keep_counterfactuals: Literal["all", "student_right"] = Field("student_right",
@@ -114,7 +148,7 @@ class DistillationConfig(StageConfig):
                                 "i.e. every (training pairs / batch_size) steps.")
     validation_fraction: float = Field(0.05, ge=0, lt=1, description="Share of pairs held out for validation.")
     validation_max_records: int = Field(256, ge=1, description="At most this many validation pairs.")
-    checker: Literal["exact", "number"] = Field("number", description="Answer check for validation accuracy.")
+    checker: CheckerName = Field("number", description="Answer check for validation accuracy (as verification's).")
     num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP ranks).")
     use_gpu: bool = Field(False, description="Ray Train workers on GPUs (nccl) instead of CPUs (gloo).")
     strategy: Literal["ddp", "fsdp"] = Field("ddp",
@@ -178,7 +212,8 @@ class EvaluationConfig(StageConfig):
     """Greedy answer accuracy on held-out files."""
 
     data: list[str] = Field(..., min_length=1, description="JSONL test files in the corpus schema, with 'answer'.")
-    checker: Literal["exact", "number"] = Field("number", description="'number': first integer matches (the benchmark's).")
+    checker: CheckerName = Field("number", description="Answer check (as verification's); 'number': first integer "
+                                                         "matches (the benchmark's).")
     max_new_tokens: int = Field(8, gt=0, description="Greedy tokens generated per answer.")
     batch_size: int = Field(64, gt=0, description="Prompts per generate call.")
     attention: bool = Field(True, description="Attention mass on ground-truth confounders (first data file).")

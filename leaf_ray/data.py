@@ -20,7 +20,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-SUPPORTED_SUFFIXES = (".jsonl", ".json", ".parquet")
+SUPPORTED_SUFFIXES = (".jsonl", ".json", ".parquet", ".arrow")
 
 
 class RecordError(ValueError):
@@ -157,23 +157,38 @@ def decode_rows(content: bytes, suffix: str, source: str) -> Iterator[tuple[int,
     elif suffix == ".parquet":
         for row_no, row in enumerate(pq.read_table(pa.BufferReader(content)).to_pylist(), start=1):
             yield row_no, row
+    elif suffix == ".arrow":  # an Arrow IPC stream, as datasets' save_to_disk writes: batch by batch
+        row_no = 0
+        for batch in pa.ipc.open_stream(pa.BufferReader(content)):
+            for row in batch.to_pylist():
+                row_no += 1
+                yield row_no, row
     else:
         raise ValueError(f"unsupported corpus format {suffix!r} for {source}; use {SUPPORTED_SUFFIXES}")
 
 
-def iter_records(path: str | Path, errors: list[RecordError] | None = None) -> Iterator[Record]:
-    """Yield the valid records of a corpus file or folder, in file order.
+def iter_records(path: str | Path, errors: list[RecordError] | None = None, columns=None) -> Iterator[Record]:
+    """Yield the valid records of a corpus file or folder, in file order, through the column
+    mapping (:func:`leaf_ray.corpus.canonical_row`; default: the record schema's names).
 
     With ``errors=None`` the first bad record raises :class:`RecordError`; with a list,
     bad records are appended to it and reading goes on. Duplicate ids are errors too.
     """
+    from leaf_ray.config import ColumnMapping
+    from leaf_ray.corpus import canonical_row
+
+    columns = columns or ColumnMapping()
     seen: set[str] = set()
     for path_ in corpus_files(path):
         for line_no, obj in decode_rows(path_.read_bytes(), path_.suffix, str(path_)):
             try:
                 if isinstance(obj, RecordError):
                     raise obj
-                record = parse_record(obj, line=line_no, source=str(path_))
+                try:
+                    row = canonical_row(obj, columns)
+                except RecordError as exc:
+                    raise RecordError(exc.reason, line=line_no, source=str(path_)) from None
+                record = parse_record(row, line=line_no, source=str(path_))
                 if record.id in seen:
                     raise RecordError("duplicate id", record_id=record.id, line=line_no, source=str(path_))
                 seen.add(record.id)

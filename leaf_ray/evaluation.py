@@ -8,8 +8,7 @@ clauses with ``clause_span`` / ``number_span`` (character ranges in the instruct
 
 from __future__ import annotations
 
-import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,27 +16,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from leaf_ray.checkers import extract_number, resolve_checker
 from leaf_ray.data import Record, iter_records, pad_batch, pad_token_id, prompt_token_ids, render_sample
 
-_NUMBER = re.compile(r"-?\d+")
-
-
-def extract_number(text: str) -> str | None:
-    """The first integer in ``text`` (the benchmark's answers are integers)."""
-    match = _NUMBER.search(text)
-    return match.group() if match else None
-
-
-def check_number(prediction: str, answer: str) -> bool:
-    got = extract_number(prediction)
-    return got is not None and got == extract_number(answer)
-
-
-def check_exact(prediction: str, answer: str) -> bool:
-    return prediction.strip() == answer.strip()
-
-
-CHECKERS: dict[str, Callable[[str, str], bool]] = {"number": check_number, "exact": check_exact}
 
 
 @torch.no_grad()
@@ -90,7 +71,7 @@ class AnswerReport:
 
 
 def answer_accuracy(predictions: Sequence[str], records: Sequence[Record], checker: str = "number") -> AnswerReport:
-    check = CHECKERS[checker]
+    check = resolve_checker(checker)
     correct = [check(p, str(r.answer)) for p, r in zip(predictions, records)]
     copies = [extract_number(p) == shortcut_number(r.meta)
               for p, r in zip(predictions, records) if shortcut_number(r.meta) is not None]

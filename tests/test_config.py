@@ -58,7 +58,8 @@ def test_readme_documents_every_config_field():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     section = readme[readme.index("## Configuration"):]
     for model in (C.PipelineConfig, C.ScoringConfig, C.PruningConfig, C.VerificationConfig, C.DistillationConfig,
-                  C.EvaluationConfig, C.ServingConfig, C.ResourcesConfig, C.BenchmarkConfig, C.ModelRecipe):
+                  C.EvaluationConfig, C.ServingConfig, C.ResourcesConfig, C.BenchmarkConfig, C.ModelRecipe,
+                  C.ColumnMapping):
         for name in model.model_fields:
             assert f"| `{name}` |" in section, f"README does not document {model.__name__}.{name}"
 

@@ -52,7 +52,8 @@ def test_vllm_answers_match_transformers_and_rules_apply(tmp_path):
 
     from leaf_ray.distributed.scoring import run_scoring
     from leaf_ray.distributed.verify import run_verification
-    from leaf_ray.evaluation import CHECKERS, greedy_generate
+    from leaf_ray.checkers import CHECKERS
+    from leaf_ray.evaluation import greedy_generate
     from leaf_ray.models import load_model
 
     lines = (EMBEDDED / "data" / "simple" / "distill.jsonl").read_text().splitlines()[:24]

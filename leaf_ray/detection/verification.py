@@ -15,7 +15,7 @@ from typing import Any
 
 from leaf_ray.config import VerificationConfig
 from leaf_ray.data import Record, TrainingPair
-from leaf_ray.evaluation import CHECKERS
+from leaf_ray.checkers import resolve_checker
 
 
 def generation_requests(pairs: Sequence[TrainingPair]) -> list[dict[str, Any]]:
@@ -43,7 +43,7 @@ def select(pairs: Sequence[TrainingPair], student_answers: Mapping[str, str], te
 
     A counterfactual is only kept with its original, since it trains as that original's pair.
     """
-    check = CHECKERS[config.checker]
+    check = resolve_checker(config.checker)
     originals = [p.original for p in pairs]
     student_right = {r.id: check(student_answers[r.id], str(r.answer)) for r in originals}
     teacher_right = {r.id: check(teacher_answers[r.id], str(r.answer)) for r in originals} if teacher_answers else {}

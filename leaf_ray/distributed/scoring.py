@@ -16,23 +16,31 @@ from typing import Any
 import numpy as np
 import ray
 
-from leaf_ray.config import PipelineConfig
-from leaf_ray.data import RecordError, corpus_files, decode_rows, parse_record
+from leaf_ray.config import ColumnMapping, PipelineConfig
+from leaf_ray.corpus import canonical_row, check_corpus
+from leaf_ray.data import RecordError, decode_rows, parse_record
 from leaf_ray.detection.store import done_keys, totals, write_summary
 
 
-def explode_file(row: dict[str, Any]) -> list[dict[str, Any]]:
-    """One corpus file's bytes -> one row per record, keyed by id (or by file:line when the
-    row has no usable id), with the record as JSON text or the reason it failed to decode."""
+def explode_file(row: dict[str, Any], columns: dict[str, Any]) -> list[dict[str, Any]]:
+    """One corpus file's bytes -> one row per record in the record schema (the column mapping
+    applied), keyed by id (or by file:line when the row has no usable id), with the record as
+    JSON text or the reason it failed to decode."""
     source = row["path"]
+    mapping = ColumnMapping.model_validate(columns)
     out = []
     for line, obj in decode_rows(row["bytes"], Path(source).suffix, source):
-        if isinstance(obj, RecordError):
-            out.append({"key": f"{source}:{line}", "source": source, "line": line, "payload": None, "error": obj.reason})
+        try:
+            if isinstance(obj, RecordError):
+                raise obj
+            obj = canonical_row(obj, mapping)
+        except RecordError as exc:
+            out.append({"key": f"{source}:{line}", "source": source, "line": line, "payload": None, "error": exc.reason})
             continue
-        has_id = isinstance(obj, dict) and isinstance(obj.get("id"), (str, int)) and str(obj.get("id")).strip()
+        has_id = isinstance(obj.get("id"), (str, int)) and str(obj.get("id")).strip()
         key = str(obj["id"]) if has_id else f"{source}:{line}"
-        out.append({"key": key, "source": source, "line": line, "payload": json.dumps(obj), "error": None})
+        # default=str: a value JSON cannot hold (a date, bytes) travels as its text
+        out.append({"key": key, "source": source, "line": line, "payload": json.dumps(obj, default=str), "error": None})
     return out
 
 
@@ -84,10 +92,11 @@ def run_scoring(config: PipelineConfig) -> dict[str, Any]:
     finished = done_keys(output)
     before = totals(output)
 
-    files = [str(path.resolve()) for path in corpus_files(scoring.corpus)]
+    files = [str(path.resolve()) for path in check_corpus(scoring)]
     # Reading and splitting are light: a fraction of a CPU each, so that they still run when the
     # scoring actors reserve every CPU of the node.
-    rows = ray.data.read_binary_files(files, include_paths=True, num_cpus=0.25).flat_map(explode_file, num_cpus=0.25)
+    rows = ray.data.read_binary_files(files, include_paths=True, num_cpus=0.25).flat_map(
+        explode_file, fn_kwargs={"columns": scoring.columns.model_dump(exclude_unset=True)}, num_cpus=0.25)
     pending = rows.filter(lambda row: row["key"] not in finished)
     results = pending.map_batches(
         ScoreActor,
