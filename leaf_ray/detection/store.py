@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -31,19 +30,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from leaf_ray.data import Record, TrainingPair
+from leaf_ray.files import write_atomically, write_text_atomically
 
 OUTPUTS = {"originals": ".jsonl", "counterfactuals": ".jsonl", "scores": ".parquet", "errors": ".jsonl"}
 
 
 def batch_name(keys: list[str]) -> str:
     return hashlib.sha1("\n".join(sorted(keys)).encode()).hexdigest()[:20]
-
-
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def _write_jsonl(rows: list[dict[str, Any]]):
@@ -57,16 +50,16 @@ def write_batch(root: Path, keys: list[str], scores: list[dict[str, Any]], origi
     """Write one batch's parts, then its marker. Returns the batch name."""
     name = batch_name(keys)
     if originals:
-        _atomic_write(root / "originals" / f"part-{name}.jsonl", _write_jsonl(originals))
+        write_atomically(root / "originals" / f"part-{name}.jsonl", _write_jsonl(originals))
     if scores:
-        _atomic_write(root / "scores" / f"part-{name}.parquet",
+        write_atomically(root / "scores" / f"part-{name}.parquet",
                       lambda tmp: pq.write_table(pa.Table.from_pylist(scores), tmp))
     if counterfactuals:
-        _atomic_write(root / "counterfactuals" / f"part-{name}.jsonl", _write_jsonl(counterfactuals))
+        write_atomically(root / "counterfactuals" / f"part-{name}.jsonl", _write_jsonl(counterfactuals))
     if errors:
-        _atomic_write(root / "errors" / f"part-{name}.jsonl", _write_jsonl(errors))
+        write_atomically(root / "errors" / f"part-{name}.jsonl", _write_jsonl(errors))
     marker = {"keys": keys, **stats}
-    _atomic_write(root / "_done" / f"{name}.json", lambda tmp: tmp.write_text(json.dumps(marker)))
+    write_text_atomically(root / "_done" / f"{name}.json", json.dumps(marker))
     return name
 
 
@@ -120,7 +113,7 @@ def write_summary(root: Path, before: dict[str, float], wall_s: float, processed
         "this_run": {"records": processed, "skipped_as_done": skipped, "wall_s": round(wall_s, 2),
                      "tokens_per_s": round(tokens / wall_s, 1) if wall_s else 0.0},
     }
-    (root / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_text_atomically(root / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
 
@@ -130,10 +123,10 @@ def read_scores(root: Path) -> list[dict[str, Any]]:
 
 def write_training_set(folder: Path, pairs: list[TrainingPair], summary: dict[str, Any]) -> None:
     """A training set in one part: the verification stage's kept pairs, a control variant's pairs."""
-    _atomic_write(folder / "originals" / "part-0.jsonl", _write_jsonl([p.original.to_dict() for p in pairs]))
-    _atomic_write(folder / "counterfactuals" / "part-0.jsonl", _write_jsonl(
+    write_atomically(folder / "originals" / "part-0.jsonl", _write_jsonl([p.original.to_dict() for p in pairs]))
+    write_atomically(folder / "counterfactuals" / "part-0.jsonl", _write_jsonl(
         [{**c.to_dict(), "source_id": p.original.id} for p in pairs for c in p.counterfactuals]))
-    _atomic_write(folder / "summary.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n"))
+    write_text_atomically(folder / "summary.json", json.dumps(summary, indent=2) + "\n")
 
 
 def is_training_set(folder: Path) -> bool:

@@ -33,6 +33,7 @@ from leaf_ray.data import Record, TrainingPair
 from leaf_ray.detection.store import read_training_set
 from leaf_ray.distillation.loop import split_validation, train
 from leaf_ray.distillation.variants import variant_config
+from leaf_ray.files import write_text_atomically
 
 # Fault injection for recovery tests: set in the driver's environment, the rank-0 worker
 # dies once, at this step.
@@ -106,7 +107,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     resume = None
     for folder in checkpoints_newest_first(Path(loop_config["checkpoints"])):
         try:
-            state = torch.load(folder / "training_state.pt", weights_only=False, map_location="cpu")
+            state = torch.load(folder / "training_state.pt", weights_only=True, map_location="cpu")
             saved = type(student).from_pretrained(folder / "model", dtype=student.dtype)
         except Exception as exc:  # a checkpoint a crash cut short: fall back to the one before
             print(f"[leaf-ray] skipping unreadable checkpoint {folder}: {exc}", flush=True)
@@ -233,5 +234,5 @@ def run_distillation(run: DistillationRun) -> dict[str, Any]:
              "train_pairs": len(train_pairs), "validation_pairs": len(validation),
              "metrics": result.metrics, "history": read_history(output / "metrics.jsonl"),
              "wall_s": round(time.perf_counter() - started, 2), "checkpoint": result.checkpoint.path}
-    done.write_text(json.dumps(final, indent=2, default=str) + "\n")
+    write_text_atomically(done, json.dumps(final, indent=2, default=str) + "\n")
     return final

@@ -21,6 +21,7 @@ from leaf_ray.data import iter_records
 from leaf_ray.detection.scorer import ScoredRecord
 from leaf_ray.detection.store import is_training_set, read_originals, read_scores, write_training_set
 from leaf_ray.distillation.variants import VARIANTS, variant_pairs
+from leaf_ray.files import write_text_atomically
 
 
 def run_pipeline(config: PipelineConfig, config_path: str | None = None) -> dict[str, Any]:
@@ -71,7 +72,7 @@ def run_pipeline(config: PipelineConfig, config_path: str | None = None) -> dict
         with clock.stage("evaluate") as entry:
             entry["skipped"] = layout.evaluation.exists()
             if not entry["skipped"]:
-                layout.evaluation.write_text(json.dumps(evaluate(config, variants), indent=2) + "\n")
+                write_text_atomically(layout.evaluation, json.dumps(evaluate(config, variants), indent=2) + "\n")
             report.update(json.loads(layout.evaluation.read_text()))
             for variant in config.variants:
                 if variant not in variants:
