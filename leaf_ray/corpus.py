@@ -81,6 +81,10 @@ def hub_dataset_files(repo_id: str, split: str, subset: str | None) -> list[Path
         return in_subset and names_split
 
     chosen = [f for f in files if wanted(f)]
+    subsets = sorted({f.relative_to(root).parts[0] for f in chosen if len(f.relative_to(root).parts) > 1})
+    if subset is None and len(subsets) > 1:  # e.g. GSM8K's main/ and socratic/: never mix them silently
+        raise ValueError(f"scoring.subset: cached dataset {repo_id!r} has split {split!r} in several subsets "
+                         f"({', '.join(subsets)}); choose one")
     if not chosen:
         listed = ", ".join(str(f.relative_to(root)) for f in files[:12]) or "none"
         raise FileNotFoundError(f"scoring.split / scoring.subset: no files of split {split!r}"

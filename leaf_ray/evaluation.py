@@ -20,7 +20,6 @@ from leaf_ray.checkers import extract_number, resolve_checker
 from leaf_ray.data import Record, iter_records, pad_batch, pad_token_id, prompt_token_ids, render_sample
 
 
-
 @torch.no_grad()
 def greedy_generate(model, tokenizer, instructions: Sequence[str], max_new_tokens: int = 8,
                     batch_size: int = 64, progress: bool = False) -> list[str]:

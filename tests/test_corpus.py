@@ -115,6 +115,19 @@ def test_splits_and_subsets_are_chosen(sources):
         resolve_corpus(sources["gsm8k"]["hub"], subset="socratic")
 
 
+def test_a_split_in_several_subsets_needs_a_subset(sources):
+    import os
+
+    cache = os.environ["HF_HUB_CACHE"]
+    corpus = add_to_hub_cache(Path(cache), "two-subsets", GSM8K)
+    socratic = Path(cache) / "datasets--leafray--two-subsets" / "snapshots" / SHA / "socratic"
+    socratic.mkdir()
+    datasets.Dataset.from_list(GSM8K[:3]).to_parquet(socratic / "train-00000-of-00001.parquet")
+    with pytest.raises(ValueError, match="scoring.subset: .* has split 'train' in several subsets \\(main, socratic\\)"):
+        resolve_corpus(corpus)
+    assert len(records_of(resolve_corpus(corpus, subset="socratic"), SHAPES["gsm8k"][1])) == 3
+
+
 def test_a_missing_column_is_a_config_error_listing_the_columns(sources):
     scoring = ScoringConfig(corpus=sources["gsm8k"]["saved"], columns=ColumnMapping(instruction="problem"))
     with pytest.raises(ValueError, match="scoring.columns.instruction: column 'problem' is not in the corpus .*; "
