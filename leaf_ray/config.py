@@ -13,6 +13,8 @@ from typing import Annotated, Literal, TypeVar
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from leaf_ray.detection.units import DEFAULT_UNIT_PATTERN
+
 
 VariantName = Literal["kd", "kd_compute_matched", "leaf", "leaf_instr_resp", "random", "oracle"]
 
@@ -76,7 +78,11 @@ class ScoringConfig(StageConfig):
         False, description="bf16 autocast of the forward passes (GPU, and CPUs with AVX512-BF16/AMX).")
     device: str = Field("auto", description="'auto' picks cuda when available, else cpu.")
     device_map: str | None = Field(None, description="'auto' to spread a big teacher over an actor's GPUs.")
-    unit_pattern: str = Field(r"\s+|\w+|[^\w\s]+", description="Regex for the character units scores are compared on.")
+    units: Literal["text", "tokens"] = Field("text",
+        description="What scores are compared and cut on: 'text' units (unit_pattern: words, identifiers, LaTeX "
+                    "commands; tokenizer-independent), or the student's 'tokens' with the quantile over all of "
+                    "them, whitespace included (the official code's procedure).")
+    unit_pattern: str = Field(DEFAULT_UNIT_PATTERN, description="Regex for the text units scores are compared on.")
     response_split: Literal["line", "sentence", "segments"] = Field(
         "line", description="Response-level: how the response is cut into steps.")
     num_segments: int = Field(4, ge=2, description="Response-level, split 'segments': number of equal pieces.")
@@ -98,6 +104,9 @@ class PruningConfig(StageConfig):
     mode: Literal["span", "collective"] = Field(
         "span", description="'span': one counterfactual per contiguous span; 'collective': all spans at once.")
     max_spans: int | None = Field(None, ge=1, description="Keep at most this many spans per record (lowest diff first).")
+    break_at_newlines: bool = Field(True, description="A line break ends a span, so no counterfactual deletes one "
+                                                      "(code, multi-line math); false lets spaces and line breaks "
+                                                      "alike join two masked units into one span.")
 
 
 class VerificationConfig(StageConfig):

@@ -24,7 +24,8 @@ from leaf_ray.distillation.loop import (
 from leaf_ray.distillation.variants import VARIANTS, variant_config
 from leaf_ray.distillation.losses import distill_loss
 from leaf_ray.detection.pruning import find_spans, mask_of_spans, random_mask_like
-from leaf_ray.detection.sensitivity import UnitScores, split_units
+from leaf_ray.detection.sensitivity import UnitScores
+from leaf_ray.detection.units import split_units
 from tests.conftest import tiny_llama
 
 ORIGINALS = [Record(f"r{i}", f"ann has {i} . note : {i + 3} is lucky . how many ?", str(i + 3)) for i in range(6)]

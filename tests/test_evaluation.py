@@ -12,7 +12,7 @@ from leaf_ray.cli import app
 from leaf_ray.data import Record, write_jsonl
 from leaf_ray.checkers import check_number, extract_number
 from leaf_ray.evaluation import answer_accuracy, detection_prf
-from leaf_ray.detection.sensitivity import split_units
+from leaf_ray.detection.units import split_units
 from tests.conftest import EMBEDDED
 
 

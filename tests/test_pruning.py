@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 from leaf_ray.config import PruningConfig
 from leaf_ray.data import Record
 from leaf_ray.detection.pruning import confounder_mask, counterfactuals, find_spans, response_prefix, split_steps, threshold_value
-from leaf_ray.detection.sensitivity import UnitScores, split_units
+from leaf_ray.detection.sensitivity import UnitScores
+from leaf_ray.detection.units import split_units
 
 
 def unit_scores(text: str, diffs: list[float]) -> UnitScores:

@@ -16,9 +16,9 @@ from leaf_ray.detection.sensitivity import (
     minmax,
     prepare_for_scoring,
     project_to_units,
-    split_units,
     token_sensitivity,
 )
+from leaf_ray.detection.units import split_units
 
 SAMPLES = [
     ("ann has 3 . tom has 5 . ann gets 4 more . the bus left at 7 . how many does ann have ?", "7"),

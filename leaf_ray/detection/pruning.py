@@ -18,6 +18,7 @@ import numpy as np
 from leaf_ray.config import PruningConfig
 from leaf_ray.data import Record
 from leaf_ray.detection.sensitivity import UnitScores
+from leaf_ray.detection.units import Unit
 
 
 def threshold_value(diff: np.ndarray, config: PruningConfig) -> float:
@@ -35,8 +36,9 @@ def threshold_value(diff: np.ndarray, config: PruningConfig) -> float:
 def confounder_mask(scores: UnitScores, config: PruningConfig) -> tuple[np.ndarray, float]:
     """Per unit, whether it is a confounder; and the threshold used.
 
-    Whitespace units are never confounders. A diff with no spread (one unit, or all
-    equal) carries no signal, so nothing is masked.
+    The threshold is taken over the scored population (:attr:`UnitScores.scored`).
+    Whitespace and lone backslashes are never confounders. A diff with no spread (one
+    unit, or all equal) carries no signal, so nothing is masked.
     """
     scored = scores.scored
     mask = np.zeros(len(scores.units), dtype=bool)
@@ -45,7 +47,7 @@ def confounder_mask(scores: UnitScores, config: PruningConfig) -> tuple[np.ndarr
         return mask, math.nan
     thr = threshold_value(values, config)
     mask[scored] = values <= thr
-    return mask, thr
+    return mask & scores.maskable, thr
 
 
 @dataclass(frozen=True)
@@ -73,8 +75,15 @@ def _cut_range(text: str, start: int, end: int) -> tuple[int, int]:
     return start, end
 
 
-def find_spans(scores: UnitScores, mask: np.ndarray) -> list[Span]:
-    """Group masked units into spans; whitespace between two masked units joins them."""
+def joins_spans(unit: Unit, kind: str, break_at_newlines: bool) -> bool:
+    """Whether an unmasked unit between two masked ones leaves them one span: spaces do between
+    text units, line breaks only when ``break_at_newlines`` is off. Between tokens nothing
+    does, as in the official code (a masked run is a run of adjacent token indices)."""
+    return kind == "text" and unit.is_space and not (break_at_newlines and unit.has_line_break)
+
+
+def find_spans(scores: UnitScores, mask: np.ndarray, break_at_newlines: bool = True) -> list[Span]:
+    """Group masked units into spans (see :func:`joins_spans`)."""
     spans: list[Span] = []
     run: list[int] = []
 
@@ -88,7 +97,7 @@ def find_spans(scores: UnitScores, mask: np.ndarray) -> list[Span]:
     for i, unit in enumerate(scores.units):
         if mask[i]:
             run.append(i)
-        elif not unit.is_space:
+        elif not joins_spans(unit, scores.kind, break_at_newlines):
             close()
     close()
     return spans
@@ -116,7 +125,7 @@ def counterfactuals(record: Record, scores: UnitScores, config: PruningConfig, *
     if mask is None:
         mask, threshold = confounder_mask(scores, config)
     thr = math.nan if threshold is None else threshold
-    spans = find_spans(scores, mask)
+    spans = find_spans(scores, mask, config.break_at_newlines)
     if config.max_spans is not None:
         spans = sorted(sorted(spans, key=lambda s: s.min_diff)[:config.max_spans], key=lambda s: s.start)
     groups = [[s] for s in spans] if config.mode == "span" else ([spans] if spans else [])
@@ -143,9 +152,9 @@ def counterfactuals(record: Record, scores: UnitScores, config: PruningConfig, *
 
 
 def random_mask_like(scores: UnitScores, mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """A control mask: for each detected span, a span of as many non-whitespace units at a
-    random position, so the same amount of text is cut from random places."""
-    solid = np.flatnonzero(scores.scored)
+    """A control mask: for each detected span, a span of as many maskable units at a random
+    position, so the same amount of text is cut from random places."""
+    solid = np.flatnonzero(scores.maskable)
     out = np.zeros_like(mask)
     for span in find_spans(scores, mask):
         width = len(span.units)
@@ -155,8 +164,8 @@ def random_mask_like(scores: UnitScores, mask: np.ndarray, rng: np.random.Genera
 
 
 def mask_of_spans(scores: UnitScores, spans: list[tuple[int, int]]) -> np.ndarray:
-    """Mask of the non-whitespace units inside the given character ranges (the oracle control)."""
-    return np.array([not u.is_space and any(a <= u.start and u.end <= b for a, b in spans) for u in scores.units])
+    """Mask of the maskable units inside the given character ranges (the oracle control)."""
+    return np.array([u.is_maskable and any(a <= u.start and u.end <= b for a, b in spans) for u in scores.units])
 
 
 # --------------------------------------------------------------------------- response level

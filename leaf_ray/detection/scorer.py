@@ -19,14 +19,13 @@ from leaf_ray.data import Record, RecordError, render_sample
 from leaf_ray.detection.pruning import confounder_mask, counterfactuals, response_prefix
 from leaf_ray.detection.sensitivity import (
     ScoringItem,
-    Unit,
     UnitScores,
     compare_unit_scores,
     prepare_for_scoring,
     project_to_units,
-    split_units,
     token_sensitivity,
 )
+from leaf_ray.detection.units import Unit, split_units, token_units
 from leaf_ray.detection.store import error_key, error_row, write_batch
 from leaf_ray.models import load_model
 
@@ -64,7 +63,7 @@ class ScoredRecord:
         units = self.scores.units
         return {
             "id": self.record.id, "level": self.level, "text_offset": self.text_offset,
-            "unit_text": [u.text for u in units], "unit_start": [u.start for u in units],
+            "unit_kind": self.scores.kind, "unit_text": [u.text for u in units], "unit_start": [u.start for u in units],
             "unit_end": [u.end for u in units], "teacher": floats(self.scores.teacher),
             "student": floats(self.scores.student), "diff": floats(self.scores.diff),
             "masked": [bool(m) for m in mask], "threshold": nan_to_none(threshold),
@@ -76,7 +75,7 @@ class ScoredRecord:
         units = [Unit(s, e, t) for s, e, t in zip(row["unit_start"], row["unit_end"], row["unit_text"])]
         teacher, student, diff = (np.array([np.nan if v is None else v for v in row[k]], dtype=float)
                                   for k in ("teacher", "student", "diff"))
-        scores = UnitScores("".join(row["unit_text"]), units, teacher, student, diff)
+        scores = UnitScores("".join(row["unit_text"]), units, teacher, student, diff, row.get("unit_kind", "text"))
         return cls(record, scores, row["level"], row["text_offset"], 0)
 
 
@@ -173,12 +172,11 @@ class PairScorer:
                     raw[m][i] = n
         scored = []
         for i, p in enumerate(prepared):
-            units = split_units(p.text, self.config.unit_pattern)
-            per_model = []
-            for m in range(2):
-                spans = context_spans(p.items[m], p.origins[m])
-                per_model.append(project_to_units(units, spans, raw[m][i], p.text))
-            scores = compare_unit_scores(p.text, units, per_model[0], per_model[1])
+            spans = [context_spans(p.items[m], p.origins[m]) for m in range(2)]
+            units = (token_units(p.text, spans[1]) if self.config.units == "tokens"
+                     else split_units(p.text, self.config.unit_pattern))
+            per_model = [project_to_units(units, spans[m], raw[m][i], p.text) for m in range(2)]
+            scores = compare_unit_scores(p.text, units, per_model[0], per_model[1], self.config.units)
             scored.append(ScoredRecord(p.record, scores, self.config.level, p.text_offset, len(p.items[1].input_ids)))
         return scored, errors
 

@@ -7,54 +7,24 @@ dimension of d(loss)/d(embedding). One forward and one backward per padded batch
 batch loss is the *sum* of per-sample mean losses, so each sample's gradient is exactly
 its own loss's gradient (attention never crosses samples).
 
-Token scores are then projected onto character *units* of the scored text (words,
-punctuation runs, whitespace runs), so a teacher and a student with different tokenizers
-are compared on the same pieces of text.
+Token scores are then projected onto character *units* of the scored text, so a teacher
+and a student with different tokenizers are compared on the same pieces of text. Units
+follow the text's structure (:mod:`leaf_ray.detection.units`): words and identifiers, LaTeX
+commands, punctuation runs, whitespace runs, and single characters of scripts written
+without spaces. ``units: tokens`` uses the student's tokens instead, as the official code.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
 
 from leaf_ray.data import RenderedSample, overlapping_tokens, pad_batch
-
-# Words, punctuation runs and whitespace runs: the pieces that both tokenizers' scores
-# are projected onto, and that pruning keeps or cuts whole.
-DEFAULT_UNIT_PATTERN = r"\s+|\w+|[^\w\s]+"
-
-
-@dataclass(frozen=True)
-class Unit:
-    """A piece of the scored text: ``text[start:end]``."""
-
-    start: int
-    end: int
-    text: str
-
-    @property
-    def is_space(self) -> bool:
-        return not self.text.strip()
-
-
-def split_units(text: str, pattern: str = DEFAULT_UNIT_PATTERN) -> list[Unit]:
-    """Cover ``text`` with units; any character the pattern misses becomes its own unit."""
-    units: list[Unit] = []
-    pos = 0
-    for match in re.finditer(pattern, text):
-        if match.start() > pos:
-            units.append(Unit(pos, match.start(), text[pos:match.start()]))
-        if match.end() > match.start():
-            units.append(Unit(match.start(), match.end(), match.group()))
-        pos = max(pos, match.end())
-    if pos < len(text):
-        units.append(Unit(pos, len(text), text[pos:]))
-    return units
-
+from leaf_ray.detection.units import Unit
 
 @dataclass(frozen=True)
 class ScoringItem:
@@ -175,29 +145,48 @@ def leaf_diff(teacher: np.ndarray, student: np.ndarray) -> np.ndarray:
     return minmax(minmax(teacher) - minmax(student))
 
 
+UnitKind = Literal["text", "tokens"]
+
+
 @dataclass
 class UnitScores:
-    """Scores of one sample's scored text, per unit. Whitespace units carry NaN."""
+    """Scores of one sample's scored text, per unit.
+
+    ``kind`` says what the units are. ``text``: pieces of text (:func:`~leaf_ray.detection.units.split_units`); scores
+    are normalised over the non-whitespace units, and whitespace units carry NaN.
+    ``tokens``: the student's tokens (:func:`~leaf_ray.detection.units.token_units`); as in the official code, every
+    token is in the population, whitespace included, and none carries NaN.
+    """
 
     text: str
     units: list[Unit]
     teacher: np.ndarray
     student: np.ndarray
     diff: np.ndarray
+    kind: UnitKind = "text"
 
     @property
     def scored(self) -> np.ndarray:
-        return np.array([not u.is_space for u in self.units], dtype=bool)
+        """The units normalisation and the quantile run over."""
+        return population(self.units, self.kind)
+
+    @property
+    def maskable(self) -> np.ndarray:
+        return np.array([u.is_maskable for u in self.units], dtype=bool)
+
+
+def population(units: Sequence[Unit], kind: UnitKind) -> np.ndarray:
+    return np.array([kind == "tokens" or not u.is_space for u in units], dtype=bool)
 
 
 def compare_unit_scores(text: str, units: list[Unit], teacher_raw: np.ndarray,
-                        student_raw: np.ndarray) -> UnitScores:
-    """Normalise over the non-whitespace units and take the LeaF diff."""
-    scored = np.array([not u.is_space for u in units], dtype=bool)
+                        student_raw: np.ndarray, kind: UnitKind = "text") -> UnitScores:
+    """Normalise over the unit population (see :class:`UnitScores`) and take the LeaF diff."""
+    scored = population(units, kind)
     teacher = np.full(len(units), np.nan)
     student = np.full(len(units), np.nan)
     diff = np.full(len(units), np.nan)
     teacher[scored] = minmax(teacher_raw[scored])
     student[scored] = minmax(student_raw[scored])
     diff[scored] = leaf_diff(teacher_raw[scored], student_raw[scored])
-    return UnitScores(text, units, teacher, student, diff)
+    return UnitScores(text, units, teacher, student, diff, kind)

@@ -23,14 +23,13 @@ from leaf_ray.data import RecordError, prompt_token_ids, render_sample
 from leaf_ray.detection.pruning import confounder_mask, find_spans
 from leaf_ray.detection.scorer import context_spans, nan_to_none, require_scorable
 from leaf_ray.detection.sensitivity import (
-    DEFAULT_UNIT_PATTERN,
     ScoringItem,
     compare_unit_scores,
     prepare_for_scoring,
     project_to_units,
-    split_units,
     token_sensitivity,
 )
+from leaf_ray.detection.units import DEFAULT_UNIT_PATTERN, split_units
 from leaf_ray.evaluation import greedy_generate
 from leaf_ray.models import load_model
 
@@ -132,5 +131,5 @@ class FocusScorer:
                 row.update(teacher=nan_to_none(t), diff=nan_to_none(d), confounder=bool(m))
             out["threshold"] = nan_to_none(threshold)
             out["spans"] = [{"start": s.start, "end": s.end, "text": prompt[s.start:s.end], "min_diff": s.min_diff}
-                            for s in find_spans(scores, mask)]
+                            for s in find_spans(scores, mask, self.pruning.break_at_newlines)]
         return out
