@@ -289,8 +289,8 @@ def evaluate(
             from leaf_ray.distributed.generate import vllm_generate
 
             ray.init(ignore_reinit_error=True)
-            answers = vllm_generate(str(model), {r.id: r.instruction for r in records}, max_tokens=max_new_tokens,
-                                    dtype="float32", batch_size=batch_size)
+            answers = vllm_generate(str(model), {r.id: (r.instruction, "") for r in records},
+                                    max_tokens=max_new_tokens, dtype="float32", batch_size=batch_size)
             predictions = [answers[r.id] for r in records]
         else:
             predictions = greedy_generate(lm, tokenizer, [r.instruction for r in records], max_new_tokens,

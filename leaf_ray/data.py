@@ -15,7 +15,7 @@ import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -47,30 +47,49 @@ class RecordError(ValueError):
 
 @dataclass(frozen=True)
 class Record:
-    """One training sample: an instruction (prompt) and the response to learn."""
+    """One training sample: an instruction (prompt) and the response to learn.
+
+    ``target_start`` is where the learned part of the response starts. Before it is context
+    the model is given, not trained on: a response-level pair's reasoning prefix, as the
+    official code puts it in the prompt. 0 (the whole response is learned) for corpus records.
+    """
 
     id: str
     instruction: str
     response: str
     answer: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    target_start: int = 0
+
+    @property
+    def prefix(self) -> str:
+        """The part of the response given as context (generation continues after it)."""
+        return self.response[:self.target_start]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "instruction": self.instruction, "response": self.response,
-                "answer": self.answer, "meta": self.meta}
+        row = {"id": self.id, "instruction": self.instruction, "response": self.response,
+               "answer": self.answer, "meta": self.meta}
+        return {**row, "target_start": self.target_start} if self.target_start else row
 
     @classmethod
     def from_dict(cls, row: dict[str, Any]) -> Record:
         """A record from a row we wrote ourselves (provenance columns such as ``source_id`` are dropped)."""
-        return cls(row["id"], row["instruction"], row["response"], row.get("answer"), row.get("meta") or {})
+        return cls(row["id"], row["instruction"], row["response"], row.get("answer"), row.get("meta") or {},
+                   row.get("target_start", 0))
+
+
+Level = Literal["instruction", "response"]
 
 
 @dataclass
 class TrainingPair:
-    """An original record and the counterfactuals cut from it (possibly none): what distillation trains on."""
+    """An original record and the counterfactuals cut from it (possibly none): what distillation
+    trains on. ``level`` says where they were cut: in the instruction, or in the reasoning
+    prefix (then every record of the pair has ``target_start`` at the end of its prefix)."""
 
     original: Record
     counterfactuals: list[Record] = field(default_factory=list)
+    level: Level = "instruction"
 
 
 def parse_record(obj: Any, *, line: int | None = None, source: str | None = None) -> Record:
@@ -241,11 +260,12 @@ class RenderedSample:
     def token_indices(self, span: tuple[int, int]) -> list[int]:
         return overlapping_tokens(self.offsets, span)
 
-    @property
-    def completion_tokens(self) -> list[int]:
-        """Tokens a model is trained to produce: the response and the template's closing
-        markup after it (the end-of-turn token, so that generation learns to stop)."""
-        return self.token_indices((self.response_span[0], len(self.text)))
+    def completion_tokens(self, target_start: int = 0) -> list[int]:
+        """Tokens a model is trained to produce: the response from ``target_start`` (a character
+        of the original response) and the template's closing markup after it (the end-of-turn
+        token, so that generation learns to stop)."""
+        start = self.response_span[0] + max(0, target_start - self.response_shift)
+        return self.token_indices((start, len(self.text)))
 
 
 def pad_token_id(tokenizer) -> int:
@@ -282,9 +302,11 @@ def pad_batch(rows: Sequence[Sequence[int]], targets: Sequence[Sequence[int]] | 
 
 
 def encode_for_training(tokenizer, records: Sequence[Record]) -> dict[str, Any]:
-    """Right-padded chat renderings of full records, with the completion tokens as targets."""
+    """Right-padded chat renderings of full records, with the completion tokens (from each
+    record's ``target_start``) as targets."""
     rendered = [render_sample(tokenizer, r.instruction, r.response) for r in records]
-    return pad_batch([x.input_ids for x in rendered], [x.completion_tokens for x in rendered], pad_token_id(tokenizer))
+    targets = [x.completion_tokens(r.target_start) for x, r in zip(rendered, records)]
+    return pad_batch([x.input_ids for x in rendered], targets, pad_token_id(tokenizer))
 
 
 def _render(tokenizer, instruction: str, response: str | None) -> str:
@@ -300,9 +322,10 @@ def render_prompt(tokenizer, instruction: str) -> str:
     return _render(tokenizer, instruction, None)
 
 
-def prompt_token_ids(tokenizer, instruction: str) -> list[int]:
-    """The token ids of :func:`render_prompt`, as every generator here (transformers, vLLM) gets them."""
-    return tokenizer(render_prompt(tokenizer, instruction), add_special_tokens=False)["input_ids"]
+def prompt_token_ids(tokenizer, instruction: str, prefix: str = "") -> list[int]:
+    """The token ids of :func:`render_prompt` followed by ``prefix`` (the start of the answer to
+    continue from), as every generator here (transformers, vLLM) gets them."""
+    return tokenizer(render_prompt(tokenizer, instruction) + prefix, add_special_tokens=False)["input_ids"]
 
 
 def _views(content: str) -> tuple[tuple[str, int], ...]:

@@ -22,15 +22,18 @@ from leaf_ray.data import Record, iter_records, pad_batch, pad_token_id, prompt_
 
 @torch.no_grad()
 def greedy_generate(model, tokenizer, instructions: Sequence[str], max_new_tokens: int = 8,
-                    batch_size: int = 64, progress: bool = False) -> list[str]:
-    """Greedy completions of the chat prompts for ``instructions`` with transformers (left-padded
-    batches). The vLLM twin, from the same token ids, is :mod:`leaf_ray.distributed.generate`."""
+                    batch_size: int = 64, progress: bool = False, prefixes: Sequence[str] | None = None) -> list[str]:
+    """Greedy completions of the chat prompts for ``instructions``, each continuing from its
+    response prefix in ``prefixes`` if given, with transformers (left-padded batches). The vLLM
+    twin, from the same token ids, is :mod:`leaf_ray.distributed.generate`."""
     device = next(model.parameters()).device
     pad_id = pad_token_id(tokenizer)
+    prefixes = prefixes or [""] * len(instructions)
     outputs: list[str] = []
     starts = range(0, len(instructions), batch_size)
     for start in tqdm(starts, desc="generate", disable=not progress, unit="batch"):
-        prompts = [prompt_token_ids(tokenizer, text) for text in instructions[start:start + batch_size]]
+        prompts = [prompt_token_ids(tokenizer, text, prefix) for text, prefix in
+                   zip(instructions[start:start + batch_size], prefixes[start:start + batch_size])]
         batch = pad_batch(prompts, pad_id=pad_id, side="left")
         width = batch["input_ids"].shape[1]
         generated = model.generate(input_ids=batch["input_ids"].to(device),
@@ -84,9 +87,10 @@ def answer_accuracy(predictions: Sequence[str], records: Sequence[Record], check
 
 def accuracy(model, tokenizer, records: Sequence[Record], checker: str = "number", max_new_tokens: int = 8,
              batch_size: int = 64, progress: bool = False) -> AnswerReport:
-    """Greedy answer accuracy of one model on records with answers (the one accuracy loop)."""
+    """Greedy answer accuracy of one model on records with answers (the one accuracy loop); a
+    record with a response prefix (``target_start``) is answered by continuing it."""
     predictions = greedy_generate(model, tokenizer, [r.instruction for r in records], max_new_tokens,
-                                  batch_size, progress)
+                                  batch_size, progress, prefixes=[r.prefix for r in records])
     return answer_accuracy(predictions, records, checker)
 
 

@@ -110,6 +110,8 @@ def test_response_level_counterfactual_cuts_only_the_prefix():
     assert cf["instruction"] == record.instruction and cf["level"] == "response"
     (start, end), = cf["char_ranges"]
     assert cf["response"] == response[:start] + response[end:] == "Step 1: 7.\nStep 2: add 3 and 4.\nAnswer 7"
+    # The pruned prefix is context; learning starts where it now ends.
+    assert cf["response"][cf["target_start"]:] == response[16:] and cf["id"] == "r#rcf0"
 
 
 def test_scores_row_reads_back_into_the_same_scores():

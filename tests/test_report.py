@@ -45,7 +45,7 @@ def report() -> dict:
     teacher, t_tok = load_model(EMBEDDED / "teacher", device="cpu")
     student, s_tok = load_model(EMBEDDED / "student", device="cpu")
     start = time.perf_counter()
-    rows, _, errors, stats = score_and_prune(PairScorer(teacher, t_tok, student, s_tok, config), PruningConfig(), records)
+    rows, _, _, errors, stats = score_and_prune(PairScorer(teacher, t_tok, student, s_tok, config), PruningConfig(), records)
     wall = time.perf_counter() - start
     assert not errors
     meta = {r.id: r.meta for r in records}

@@ -228,7 +228,7 @@ def test_scoring_a_code_and_latex_corpus_cuts_no_structure():
         config = ScoringConfig(corpus="unused", units=units, **({"unit_pattern": pattern} if pattern else {}))
         scorer = PairScorer.from_paths(EMBEDDED / "teacher", EMBEDDED / "student", config)
         pruning = PruningConfig(break_at_newlines=breaks)
-        rows, cfs, errors, _ = score_and_prune(scorer, pruning, corpus)
+        rows, _, cfs, errors, _ = score_and_prune(scorer, pruning, corpus)
         assert not errors
         for row, record in zip(rows, corpus):  # what the pipeline's variants re-read keeps the unit kind
             again = ScoredRecord.from_row(row, record)

@@ -119,8 +119,10 @@ def counterfactuals(record: Record, scores: UnitScores, config: PruningConfig, *
     """Counterfactual records (corpus schema + provenance) for one scored record.
 
     ``scores.text`` is the scored text: the instruction, or in response-level mode the
-    reasoning prefix, which starts at ``text_offset`` in the response. ``mask`` overrides
-    the detected confounders (the random and oracle controls).
+    reasoning prefix, which starts at ``text_offset`` in the response. A response-level
+    counterfactual keeps the pruned prefix as context: its ``target_start`` is where the
+    prefix now ends, and only what follows is learned. ``mask`` overrides the detected
+    confounders (the random and oracle controls).
     """
     if mask is None:
         mask, threshold = confounder_mask(scores, config)
@@ -130,13 +132,16 @@ def counterfactuals(record: Record, scores: UnitScores, config: PruningConfig, *
         spans = sorted(sorted(spans, key=lambda s: s.min_diff)[:config.max_spans], key=lambda s: s.start)
     groups = [[s] for s in spans] if config.mode == "span" else ([spans] if spans else [])
     source = record.instruction if level == "instruction" else record.response
+    prefix_end = text_offset + len(scores.text)
     out = []
     for index, group in enumerate(groups):
         shifted = [Span(s.start + text_offset, s.end + text_offset, s.units, s.min_diff) for s in group]
         new_text = cut(source, shifted)
         instruction, response = (new_text, record.response) if level == "instruction" else (record.instruction, new_text)
+        where = {} if level == "instruction" else {
+            "target_start": prefix_end - sum(s.end - s.start for s in shifted)}
         out.append({
-            "id": f"{record.id}#cf{index}",
+            "id": f"{record.id}#{'cf' if level == 'instruction' else 'rcf'}{index}",
             "instruction": instruction,
             "response": response,
             "answer": record.answer,
@@ -147,6 +152,7 @@ def counterfactuals(record: Record, scores: UnitScores, config: PruningConfig, *
             "removed_text": [source[s.start:s.end] for s in shifted],
             "char_ranges": [[s.start, s.end] for s in shifted],
             "threshold": thr,
+            **where,
         })
     return out
 

@@ -8,14 +8,14 @@ it unchanged. Plain PyTorch; no Ray here.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from leaf_ray.config import PruningConfig, ScoringConfig
-from leaf_ray.data import Record, RecordError, render_sample
+from leaf_ray.data import Record, RecordError, TrainingPair, render_sample
 from leaf_ray.detection.pruning import confounder_mask, counterfactuals, response_prefix
 from leaf_ray.detection.sensitivity import (
     ScoringItem,
@@ -54,6 +54,17 @@ class ScoredRecord:
     level: str
     text_offset: int  # where the scored text starts in the instruction / response
     num_tokens: int  # the student's rendered sequence length, for throughput
+
+    @property
+    def original(self) -> Record:
+        """The record as it trains: at response level, learning only what follows the prefix."""
+        if self.level == "instruction":
+            return self.record
+        return replace(self.record, target_start=self.text_offset + len(self.scores.text))
+
+    def pair(self, counterfactual_rows: Sequence[dict]) -> TrainingPair:
+        """The training pair of this record and counterfactual rows cut from its scores."""
+        return TrainingPair(self.original, [Record.from_dict(r) for r in counterfactual_rows], self.level)
 
     def to_row(self, mask: Sequence[bool], threshold: float) -> dict:
         """One row of a scores file (Parquet / JSONL): per-unit lists, NaN as None."""
@@ -182,21 +193,23 @@ class PairScorer:
 
 
 def score_and_prune(scorer: PairScorer, pruning: PruningConfig, records: Sequence[Record]
-                    ) -> tuple[list[dict], list[dict], list[RecordError], dict[str, int]]:
-    """Scores rows, counterfactual rows and errors for a batch of records, plus counts."""
+                    ) -> tuple[list[dict], list[dict], list[dict], list[RecordError], dict[str, int]]:
+    """Scores rows, original rows (as they train, with their ``level``), counterfactual rows
+    (with provenance) and errors for a batch of records, plus counts."""
     scored, errors = scorer.score(records)
-    rows, cfs = [], []
+    rows, originals, cfs = [], [], []
     stats = {"scored": len(scored), "tokens": 0, "masked_units": 0, "scored_units": 0}
     for s in scored:
         mask, threshold = confounder_mask(s.scores, pruning)
         rows.append(s.to_row(mask, threshold))
+        originals.append({**s.original.to_dict(), "level": s.level})
         cfs += counterfactuals(s.record, s.scores, pruning, level=s.level, text_offset=s.text_offset,
                                mask=mask, threshold=threshold)
         stats["tokens"] += s.num_tokens
         stats["masked_units"] += int(mask.sum())
         stats["scored_units"] += int(s.scores.scored.sum())
     stats["counterfactuals"] = len(cfs)
-    return rows, cfs, errors, stats
+    return rows, originals, cfs, errors, stats
 
 
 class ScoringBatchProcessor:
@@ -214,10 +227,8 @@ class ScoringBatchProcessor:
 
     def __call__(self, keys: Sequence[str], records: Sequence[Record],
                  unreadable: Sequence[tuple[str, RecordError]] = ()) -> dict[str, int]:
-        rows, cfs, failed, stats = score_and_prune(self.scorer, self.pruning, records)
-        scored_ids = {row["id"] for row in rows}
+        rows, originals, cfs, failed, stats = score_and_prune(self.scorer, self.pruning, records)
         errors = [error_row(key, e) for key, e in unreadable] + [error_row(error_key(e), e) for e in failed]
         stats.update(read=len(keys), errors=len(errors))
-        write_batch(self.output, list(keys), rows, [r.to_dict() for r in records if r.id in scored_ids],
-                    cfs, errors, stats)
+        write_batch(self.output, list(keys), rows, originals, cfs, errors, stats)
         return stats

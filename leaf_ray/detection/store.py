@@ -122,10 +122,13 @@ def read_scores(root: Path) -> list[dict[str, Any]]:
 
 
 def write_training_set(folder: Path, pairs: list[TrainingPair], summary: dict[str, Any]) -> None:
-    """A training set in one part: the verification stage's kept pairs, a control variant's pairs."""
-    write_atomically(folder / "originals" / "part-0.jsonl", _write_jsonl([p.original.to_dict() for p in pairs]))
+    """A training set in one part: the verification stage's kept pairs, a control variant's pairs.
+    Counterfactuals point back to their original by ``source_id`` and ``level`` (a record may
+    have a pair at each level)."""
+    write_atomically(folder / "originals" / "part-0.jsonl", _write_jsonl(
+        [{**p.original.to_dict(), "level": p.level} for p in pairs]))
     write_atomically(folder / "counterfactuals" / "part-0.jsonl", _write_jsonl(
-        [{**c.to_dict(), "source_id": p.original.id} for p in pairs for c in p.counterfactuals]))
+        [{**c.to_dict(), "source_id": p.original.id, "level": p.level} for p in pairs for c in p.counterfactuals]))
     write_text_atomically(folder / "summary.json", json.dumps(summary, indent=2) + "\n")
 
 
@@ -139,13 +142,16 @@ def read_originals(folder: Path) -> list[Record]:
 
 
 def read_training_set(folder: Path) -> list[TrainingPair]:
-    """Originals joined with their counterfactuals (by ``source_id``), sorted by id."""
+    """Originals joined with their counterfactuals (by ``source_id`` and ``level``), sorted by id
+    and level."""
     if not is_training_set(folder):
         raise FileNotFoundError(f"{folder} holds no finished training set (originals/ and summary.json)")
-    by_source: dict[str, list[Record]] = {}
+    by_source: dict[tuple[str, str], list[Record]] = {}
     for row in read_jsonl_parts(folder, "counterfactuals"):
-        by_source.setdefault(row["source_id"], []).append(Record.from_dict(row))
-    return [TrainingPair(r, by_source.get(r.id, [])) for r in read_originals(folder)]
+        by_source.setdefault((row["source_id"], row.get("level", "instruction")), []).append(Record.from_dict(row))
+    originals = sorted(read_jsonl_parts(folder, "originals"), key=lambda row: (row["id"], row.get("level", "")))
+    return [TrainingPair(Record.from_dict(row), by_source.get((row["id"], level), []), level)
+            for row in originals for level in [row.get("level", "instruction")]]
 
 
 def read_jsonl_parts(root: Path, folder: str) -> list[dict[str, Any]]:

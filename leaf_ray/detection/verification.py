@@ -18,12 +18,25 @@ from leaf_ray.data import Record, TrainingPair
 from leaf_ray.checkers import resolve_checker
 
 
+def original_key(pair: TrainingPair) -> str:
+    """The generation key of a pair's original: its id, and its level when that is not the
+    instruction (a record can have a pair at each level, answered from different prefixes)."""
+    return pair.original.id if pair.level == "instruction" else f"{pair.original.id}@{pair.level}"
+
+
 def generation_requests(pairs: Sequence[TrainingPair]) -> list[dict[str, Any]]:
-    """One row per prompt to answer: ``key`` (the record id), ``kind``, ``instruction``, ``answer``."""
-    rows = [{"key": p.original.id, "kind": "original", "instruction": p.original.instruction,
-             "answer": p.original.answer} for p in pairs]
-    rows += [{"key": c.id, "kind": "counterfactual", "instruction": c.instruction, "answer": c.answer}
-             for p in pairs for c in p.counterfactuals]
+    """One row per prompt to answer: ``key``, ``kind``, ``instruction``, ``prefix``, ``answer``.
+
+    ``prefix`` is the part of the response the model continues from: empty at instruction
+    level; at response level the reasoning prefix, pruned for a counterfactual, so the answer
+    shows whether cutting the span from the reasoning changed where it leads.
+    """
+    def row(key: str, kind: str, record: Record) -> dict[str, Any]:
+        return {"key": key, "kind": kind, "instruction": record.instruction, "prefix": record.prefix,
+                "answer": record.answer}
+
+    rows = [row(original_key(p), "original", p.original) for p in pairs]
+    rows += [row(c.id, "counterfactual", c) for p in pairs for c in p.counterfactuals]
     missing = [row["key"] for row in rows if row["answer"] is None]
     if missing:
         raise ValueError(f"verification needs an 'answer' on every record; {len(missing)} have none, "
@@ -44,21 +57,21 @@ def select(pairs: Sequence[TrainingPair], student_answers: Mapping[str, str], te
     A counterfactual is only kept with its original, since it trains as that original's pair.
     """
     check = resolve_checker(config.checker)
-    originals = [p.original for p in pairs]
-    student_right = {r.id: check(student_answers[r.id], str(r.answer)) for r in originals}
-    teacher_right = {r.id: check(teacher_answers[r.id], str(r.answer)) for r in originals} if teacher_answers else {}
+    originals = {original_key(p): p.original for p in pairs}
+    student_right = {k: check(student_answers[k], str(r.answer)) for k, r in originals.items()}
+    teacher_right = {k: check(teacher_answers[k], str(r.answer)) for k, r in originals.items()} if teacher_answers else {}
 
-    def keep_original(record: Record) -> bool:
+    def keep_original(pair: TrainingPair) -> bool:
         if config.keep_originals == "all":
             return True
         if config.keep_originals == "teacher_right":
-            return teacher_right[record.id]
-        return teacher_right[record.id] and not student_right[record.id]
+            return teacher_right[original_key(pair)]
+        return teacher_right[original_key(pair)] and not student_right[original_key(pair)]
 
     cf_right = {c.id: check(student_answers[c.id], str(c.answer)) for p in pairs for c in p.counterfactuals}
     kept = [TrainingPair(p.original, [c for c in p.counterfactuals
-                                      if config.keep_counterfactuals == "all" or cf_right[c.id]])
-            for p in pairs if keep_original(p.original)]
+                                      if config.keep_counterfactuals == "all" or cf_right[c.id]], p.level)
+            for p in pairs if keep_original(p)]
     summary = {
         "originals": len(originals), "counterfactuals": len(cf_right),
         "kept_originals": len(kept), "kept_counterfactuals": sum(len(p.counterfactuals) for p in kept),

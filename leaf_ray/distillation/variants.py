@@ -22,7 +22,7 @@ from typing import Literal
 import numpy as np
 
 from leaf_ray.config import DistillationConfig, PruningConfig
-from leaf_ray.data import Record, TrainingPair
+from leaf_ray.data import TrainingPair
 from leaf_ray.detection.pruning import confounder_mask, counterfactuals, mask_of_spans, random_mask_like
 from leaf_ray.detection.scorer import ScoredRecord
 from leaf_ray.evaluation import confounder_spans
@@ -79,7 +79,7 @@ def variant_pairs(variant: str, scored: Sequence[ScoredRecord], pruning: Pruning
     pairs = []
     for s in scored:
         if spans == "none":
-            pairs.append(TrainingPair(s.record))
+            pairs.append(s.pair([]))
             continue
         detected, threshold = confounder_mask(s.scores, pruning)
         if spans == "random":
@@ -90,5 +90,5 @@ def variant_pairs(variant: str, scored: Sequence[ScoredRecord], pruning: Pruning
             mask = detected
         rows = counterfactuals(s.record, s.scores, pruning, level=s.level, text_offset=s.text_offset,
                                mask=mask, threshold=threshold)
-        pairs.append(TrainingPair(s.record, [Record.from_dict(r) for r in rows]))
+        pairs.append(s.pair(rows))
     return pairs

@@ -67,13 +67,13 @@ class DistillationRun:
 
 
 def pair_to_row(pair: TrainingPair) -> dict[str, str]:
-    return {"id": pair.original.id, "original": json.dumps(pair.original.to_dict()),
+    return {"id": pair.original.id, "level": pair.level, "original": json.dumps(pair.original.to_dict()),
             "counterfactuals": json.dumps([c.to_dict() for c in pair.counterfactuals])}
 
 
 def row_to_pair(row: dict[str, str]) -> TrainingPair:
     return TrainingPair(Record(**json.loads(row["original"])),
-                        [Record(**c) for c in json.loads(row["counterfactuals"])])
+                        [Record(**c) for c in json.loads(row["counterfactuals"])], row["level"])
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:

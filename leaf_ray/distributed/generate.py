@@ -15,14 +15,17 @@ from leaf_ray.config import ResourcesConfig
 from leaf_ray.data import prompt_token_ids
 
 
-def vllm_generate(model_dir: str, prompts: dict[str, str], *, max_tokens: int = 8, max_model_len: int = 512,
-                  dtype: str = "auto", gpu_memory_utilization: float = 0.2, batch_size: int = 64,
-                  num_engines: int = 1, resources: ResourcesConfig | None = None) -> dict[str, str]:
-    """Greedy answers of the model at ``model_dir`` to each instruction in ``prompts`` (key -> text)."""
+def vllm_generate(model_dir: str, prompts: dict[str, tuple[str, str]], *, max_tokens: int = 8,
+                  max_model_len: int = 512, dtype: str = "auto", gpu_memory_utilization: float = 0.2,
+                  batch_size: int = 64, num_engines: int = 1, resources: ResourcesConfig | None = None
+                  ) -> dict[str, str]:
+    """Greedy continuations by the model at ``model_dir`` of each prompt in ``prompts``
+    (key -> (instruction, response prefix to continue from, often ""))."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    items = [{"key": key, "tokenized_prompt": prompt_token_ids(tokenizer, text)} for key, text in prompts.items()]
+    items = [{"key": key, "tokenized_prompt": prompt_token_ids(tokenizer, instruction, prefix)}
+             for key, (instruction, prefix) in prompts.items()]
     resources = resources or ResourcesConfig()
     bundle = {"CPU": resources.num_cpus, **({"GPU": resources.num_gpus} if resources.num_gpus else {})}
     processor = build_processor(

@@ -35,10 +35,10 @@ def run_verification(pipeline: PipelineConfig) -> dict[str, Any]:
               "gpu_memory_utilization": config.gpu_memory_utilization, "batch_size": config.batch_size,
               "num_engines": config.num_engines, "resources": config.resources}
 
-    student = vllm_generate(pipeline.student, {r["key"]: r["instruction"] for r in rows}, **engine)
+    student = vllm_generate(pipeline.student, {r["key"]: (r["instruction"], r["prefix"]) for r in rows}, **engine)
     needs_teacher = config.keep_originals != "all"
-    teacher = (vllm_generate(pipeline.teacher, {r["key"]: r["instruction"] for r in rows if r["kind"] == "original"},
-                             **engine) if needs_teacher else {})
+    teacher = (vllm_generate(pipeline.teacher, {r["key"]: (r["instruction"], r["prefix"]) for r in rows
+                                                if r["kind"] == "original"}, **engine) if needs_teacher else {})
     selection = select(pairs, student, teacher, config)
 
     write_jsonl(output / "answers.jsonl", [{"key": r["key"], "kind": r["kind"], "student": student[r["key"]],
