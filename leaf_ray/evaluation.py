@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from leaf_ray.checkers import extract_number, resolve_checker
+from leaf_ray.checkers import resolve_checker
 from leaf_ray.data import Record, iter_records, pad_batch, pad_token_id, prompt_token_ids, render_sample
 
 
@@ -75,7 +75,8 @@ class AnswerReport:
 def answer_accuracy(predictions: Sequence[str], records: Sequence[Record], checker: str = "number") -> AnswerReport:
     check = resolve_checker(checker)
     correct = [check(p, str(r.answer)) for p, r in zip(predictions, records)]
-    copies = [extract_number(p) == shortcut_number(r.meta)
+    # A copy: the answer the checker reads off is the shortcut number (the final #### N for gsm8k).
+    copies = [check(p, shortcut_number(r.meta))
               for p, r in zip(predictions, records) if shortcut_number(r.meta) is not None]
     return AnswerReport(
         n=len(records),
@@ -103,10 +104,12 @@ def evaluate_models(models: dict[str, tuple[Any, Any]], files: Sequence[str | Pa
             for name, (model, tokenizer) in models.items()}
 
 
-def confounder_spans(meta: dict[str, Any], part: str = "clause") -> list[tuple[int, int]]:
-    """Ground-truth confounder character ranges: the correlated clause, or just its number."""
+def confounder_spans(meta: dict[str, Any], part: str = "clause", level: str = "instruction") -> list[tuple[int, int]]:
+    """Ground-truth confounder character ranges: the correlated clause, or just its number; in
+    the instruction, or at ``level="response"`` in the response (the reasoning family's)."""
     key = "clause_span" if part == "clause" else "number_span"
-    return [tuple(c[key]) for c in meta.get("distractors", []) if c.get("correlated")]
+    where = "distractors" if level == "instruction" else "response_distractors"
+    return [tuple(c[key]) for c in meta.get(where, []) if c.get("correlated")]
 
 
 @dataclass
@@ -118,7 +121,7 @@ class DetectionReport:
 
 
 def detection_prf(scored: Sequence[tuple[Sequence[tuple[int, int, str]], Sequence[bool], dict[str, Any]]],
-                  part: str = "clause") -> DetectionReport:
+                  part: str = "clause", level: str = "instruction") -> DetectionReport:
     """Unit-level precision / recall / F1 of confounder masks against the ground truth.
 
     ``scored``: per record, its units ``(start, end, text)``, the mask per unit, and meta.
@@ -127,7 +130,7 @@ def detection_prf(scored: Sequence[tuple[Sequence[tuple[int, int, str]], Sequenc
     """
     tp = fp = fn = flagged = 0
     for units, mask, meta in scored:
-        truth = confounder_spans(meta, part)
+        truth = confounder_spans(meta, part, level)
         for (start, end, text), masked in zip(units, mask):
             if not text.strip():
                 continue

@@ -7,8 +7,11 @@ import json
 import pytest
 
 from leaf_ray.synthetic.build import code_hash, config_hash, file_hashes
-from leaf_ray.config import BenchmarkConfig
+from leaf_ray.config import BenchmarkConfig, load_config
 from tests.conftest import EMBEDDED
+
+ROOT = EMBEDDED.parents[1]
+REASONING = load_config(ROOT / "configs" / "benchmark-reasoning.yaml", BenchmarkConfig)
 
 pytestmark = pytest.mark.skipif(not (EMBEDDED / "provenance.json").exists(), reason="embedded models not built")
 
@@ -47,4 +50,59 @@ def test_models_load_with_transformers_and_answer_like_provenance(provenance):
         assert model.config.hidden_size // model.config.num_attention_heads == 64
         measured = accuracy(model, tokenizer, records).accuracy
         recorded = provenance["figures"]["simple"][name]["test_conflict"]["accuracy"]
+        assert abs(measured - recorded) <= 0.1, (name, measured, recorded)
+
+
+@pytest.fixture(scope="module")
+def reasoning_provenance():
+    return json.loads((ROOT / REASONING.output_dir / "provenance.json").read_text())
+
+
+def test_reasoning_build_matches_its_config_and_meets_the_bar(reasoning_provenance):
+    provenance = reasoning_provenance
+    assert provenance["config_hash"] == config_hash(REASONING), "configs/benchmark-reasoning.yaml changed: rebuild"
+    assert provenance["code_hash"] == code_hash(REASONING.families), "reasoning code changed: rebuild"
+    assert provenance["files"] == file_hashes(ROOT / REASONING.output_dir)
+    figures = provenance["figures"]["reasoning"]
+    assert figures["teacher"]["test_conflict"]["accuracy"] >= 0.95
+    assert figures["student"]["test_conflict"]["accuracy"] <= 0.30
+    assert figures["student"]["test_conflict"]["copy_rate"] >= 0.40
+    # Something to find at both levels. The student copies the note's number from where the
+    # reasoning restates it, so response-level scoring finds it far more often (0.97 against
+    # 0.44 in the instruction, in the committed build).
+    assert figures["detection"]["number"]["recall"] > 0.3
+    assert figures["response_detection"]["number"]["recall"] > 0.9
+
+
+def test_reasoning_records_are_multi_step_with_ground_truth_in_both_places():
+    from leaf_ray.data import iter_records
+    from leaf_ray.detection.pruning import response_prefix
+
+    records = list(iter_records(ROOT / REASONING.output_dir / "data" / "reasoning" / "distill.jsonl"))
+    assert len(records) == REASONING.distill_records
+    with_note = [r for r in records if r.meta["response_distractors"]]
+    assert len(with_note) > 0.9 * len(records)
+    for record in with_note[:200]:
+        lines = record.response.split("\n")
+        assert len(lines) == 5 and lines[-1] == f"#### {record.answer}"
+        (note,) = record.meta["response_distractors"]
+        (clause,) = [d for d in record.meta["distractors"] if d["correlated"]]
+        a, b = note["clause_span"]
+        assert record.response[a:b] == record.instruction[slice(*clause["clause_span"])]
+        # The response-level prefix (3 of 5 steps) holds the restated note; the next step is the sum.
+        (p0, p1), (s0, s1) = response_prefix(record.response, "line", 4, 0.6)
+        assert p0 <= a and b <= p1 and "+" in record.response[s0:s1]
+
+
+def test_reasoning_models_answer_like_provenance(reasoning_provenance):
+    from leaf_ray.data import Record
+    from leaf_ray.evaluation import accuracy
+    from leaf_ray.models import load_model
+    from leaf_ray.synthetic.reasoning import make_reasoning_split
+
+    records = [Record.from_dict(r) for r in make_reasoning_split("test_conflict", 100, REASONING.seed)]
+    for name in ("teacher", "student"):
+        model, tokenizer = load_model(ROOT / REASONING.output_dir / name)
+        measured = accuracy(model, tokenizer, records, "gsm8k", 40).accuracy
+        recorded = reasoning_provenance["figures"]["reasoning"][name]["test_conflict"]["accuracy"]
         assert abs(measured - recorded) <= 0.1, (name, measured, recorded)

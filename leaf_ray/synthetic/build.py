@@ -1,10 +1,14 @@
 """``leaf-ray bench build``: the embedded benchmark, from seeds, in one readable recipe.
 
-1. Generate the data splits of each family (tasks.py) and write the held-out files.
+1. Generate the data splits of each family (tasks.py; reasoning.py) and write the held-out files.
 2. Train a byte-level BPE tokenizer with a chat template on the generated text.
 3. Train the teacher on decorrelated data (it learns the causal rule).
 4. Pre-train the student on correlated data (it learns the shortcut: copy the distractor).
 5. Measure both, and gradient detection against the ground truth; write ``provenance.json``.
+
+One build trains one teacher and one student for its families: the committed default
+(``configs/benchmark.yaml``) covers ``simple`` and ``hard`` in ``assets/embedded``, and
+``configs/benchmark-reasoning.yaml`` the ``reasoning`` family in ``assets/embedded-reasoning``.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import hashlib
 import json
 import platform
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +30,7 @@ from leaf_ray.data import Record, encode_for_training, write_jsonl
 from leaf_ray.detection.pruning import confounder_mask
 from leaf_ray.detection.scorer import PairScorer
 from leaf_ray.evaluation import accuracy, confounder_spans, detection_prf
+from leaf_ray.synthetic.reasoning import make_reasoning_split
 from leaf_ray.synthetic.tasks import make_split
 from leaf_ray.synthetic.tokenizer import train_tokenizer
 from leaf_ray.synthetic.train import make_llama, train_response_lm
@@ -33,16 +39,43 @@ HELD_OUT = ("distill", "test_conflict", "test_clean")
 ROLE_WORDS = ["user", "assistant", "system"]  # so chat-template role names are single tokens
 
 
+@dataclass(frozen=True)
+class FamilyEval:
+    """How a family's answers are generated and checked."""
+
+    checker: str
+    max_new_tokens: int
+    source: str  # the module that generates it
+
+
+FAMILIES = {
+    "simple": FamilyEval("number", 8, "tasks.py"),
+    "hard": FamilyEval("number", 8, "tasks.py"),
+    "reasoning": FamilyEval("gsm8k", 40, "reasoning.py"),
+}
+# Response-level scoring of the reasoning family: of its 5 steps, the first 3 are the prefix
+# and the sum line is the step whose loss scores them.
+REASONING_PREFIX_FRACTION = 0.6
+
+
+def family_split(family: str, split: str, size: int, seed: int, rho: float | None = None) -> list[dict[str, Any]]:
+    if family == "reasoning":
+        return make_reasoning_split(split, size, seed, rho)
+    return make_split(family, split, size, seed, rho)
+
+
 def config_hash(config: BenchmarkConfig) -> str:
     return hashlib.sha256(config.model_dump_json().encode()).hexdigest()[:16]
 
 
-def code_hash() -> str:
-    """Hash of the sources that determine the artifacts, so a stale build is detectable."""
-    root = Path(__file__).resolve().parents[1]
+def code_hash(families: list[str] | None = None) -> str:
+    """Hash of the sources that determine the artifacts of ``families`` (default: the default
+    build's), so a stale build is detectable."""
+    root = Path(__file__).resolve().parents[1] / "synthetic"
+    sources = sorted({FAMILIES[f].source for f in families or BenchmarkConfig().families})
     digest = hashlib.sha256()
-    for path in (root / "synthetic" / "tasks.py", root / "synthetic" / "train.py", root / "synthetic" / "tokenizer.py"):
-        digest.update(path.read_bytes())
+    for name in (*sources, "train.py", "tokenizer.py"):
+        digest.update((root / name).read_bytes())
     return digest.hexdigest()[:16]
 
 
@@ -54,8 +87,8 @@ def file_hashes(root: Path) -> dict[str, str]:
 def held_out_splits(config: BenchmarkConfig, family: str) -> dict[str, list[dict[str, Any]]]:
     sizes = {"distill": config.distill_records, "test_conflict": config.test_conflict_records,
              "test_clean": config.test_clean_records}
-    return {split: make_split(family, split, sizes[split], config.seed,
-                              rho=config.distill_rho if split == "distill" else None)
+    return {split: family_split(family, split, sizes[split], config.seed,
+                                rho=config.distill_rho if split == "distill" else None)
             for split in HELD_OUT}
 
 
@@ -67,15 +100,19 @@ def _train(tokenizer, pools: dict[str, list[dict[str, Any]]], recipe, desc: str)
     return model, losses
 
 
-def measure(model, tokenizer, records) -> dict[str, float | None]:
-    report = accuracy(model, tokenizer, [Record.from_dict(r) for r in records])
+def measure(model, tokenizer, records, family: str) -> dict[str, float | None]:
+    spec = FAMILIES[family]
+    report = accuracy(model, tokenizer, [Record.from_dict(r) for r in records], spec.checker, spec.max_new_tokens)
     return {"accuracy": report.accuracy, "copy_rate": report.copy_rate}
 
 
-def measure_detection(teacher, student, tokenizer, records, pruning: PruningConfig) -> dict[str, Any]:
-    """Score records with both models and compare the masks with the ground-truth clause."""
+def measure_detection(teacher, student, tokenizer, records, pruning: PruningConfig,
+                      level: str = "instruction") -> dict[str, Any]:
+    """Score records with both models and compare the masks with the ground-truth clause
+    (in the instruction, or at response level in the reasoning prefix)."""
     scorer = PairScorer(teacher, tokenizer, student, tokenizer,
-                        ScoringConfig(corpus="-", max_length=512))
+                        ScoringConfig(corpus="-", max_length=512, level=level,
+                                      prefix_fraction=REASONING_PREFIX_FRACTION))
     scored, errors = scorer.score([Record.from_dict(r) for r in records])
     if errors:
         raise RuntimeError(f"{len(errors)} benchmark records failed to score: {errors[0]}")
@@ -84,8 +121,8 @@ def measure_detection(teacher, student, tokenizer, records, pruning: PruningConf
         mask, _ = confounder_mask(s.scores, pruning)
         units = [(u.start, u.end, u.text) for u in s.scores.units]
         rows.append((units, mask, s.record.meta))
-        shortcut = confounder_spans(s.record.meta, "number")
-        causal = [tuple(c["span"]) for c in s.record.meta["causal"]]
+        shortcut = confounder_spans(s.record.meta, "number", level)
+        causal = [tuple(c["span"]) for c in s.record.meta["causal"]] if level == "instruction" else []
         for u, value in zip(s.scores.units, s.scores.diff):
             if u.is_space:
                 continue
@@ -94,8 +131,8 @@ def measure_detection(teacher, student, tokenizer, records, pruning: PruningConf
             by_role[role].append(value)
     return {
         "rule": pruning.model_dump(include={"threshold", "quantile", "quantile_cap", "tau"}),
-        "clause": vars(detection_prf(rows, "clause")),
-        "number": vars(detection_prf(rows, "number")),
+        "clause": vars(detection_prf(rows, "clause", level)),
+        "number": vars(detection_prf(rows, "number", level)),
         "mean_diff_by_role": {k: float(np.mean(v)) if v else None for k, v in by_role.items()},
     }
 
@@ -116,8 +153,8 @@ def build(config: BenchmarkConfig) -> dict[str, Any]:
     for family, splits in held_out.items():
         for split, records in splits.items():
             write_jsonl(out / "data" / family / f"{split}.jsonl", records)
-    teacher_pools = {f: make_split(f, "teacher_train", config.train_records, config.seed) for f in config.families}
-    student_pools = {f: make_split(f, "student_pretrain", config.train_records, config.seed, rho=config.student_rho)
+    teacher_pools = {f: family_split(f, "teacher_train", config.train_records, config.seed) for f in config.families}
+    student_pools = {f: family_split(f, "student_pretrain", config.train_records, config.seed, rho=config.student_rho)
                      for f in config.families}
     t = lap("data", t)
 
@@ -141,18 +178,21 @@ def build(config: BenchmarkConfig) -> dict[str, Any]:
     pruning = PruningConfig(threshold="quantile", quantile=0.10)
     for family, splits in held_out.items():
         figures[family] = {
-            "teacher": {s: measure(teacher, tokenizer, splits[s]) for s in ("test_conflict", "test_clean")},
-            "student": {s: measure(student, tokenizer, splits[s]) for s in ("test_conflict", "test_clean")},
+            "teacher": {s: measure(teacher, tokenizer, splits[s], family) for s in ("test_conflict", "test_clean")},
+            "student": {s: measure(student, tokenizer, splits[s], family) for s in ("test_conflict", "test_clean")},
             "detection": measure_detection(teacher, student, tokenizer,
                                            splits["distill"][: config.detection_records], pruning),
         }
+        if family == "reasoning":
+            figures[family]["response_detection"] = measure_detection(
+                teacher, student, tokenizer, splits["distill"][: config.detection_records], pruning, "response")
     lap("evaluate", t)
     timings["total"] = round(time.perf_counter() - started, 1)
 
     provenance = {
         "config": config.model_dump(),
         "config_hash": config_hash(config),
-        "code_hash": code_hash(),
+        "code_hash": code_hash(config.families),
         "leaf_ray_version": leaf_ray.__version__,
         "torch_version": torch.__version__,
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
@@ -178,6 +218,8 @@ def embedded_results(provenance: dict[str, Any]) -> dict[str, Any]:
             "student_copy_rate": fig["student"]["test_conflict"]["copy_rate"],
             "detection_f1": fig["detection"]["clause"]["f1"],
             "detection": fig["detection"],
+            **({"response_detection": fig["response_detection"]} if "response_detection" in fig else {}),
+            "config_hash": provenance["config_hash"],
             "variants": {},
         }
-    return {"source": "leaf-ray bench build", "config_hash": provenance["config_hash"], "families": families}
+    return {"source": "leaf-ray bench build", "families": families}
