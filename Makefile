@@ -49,9 +49,12 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_distill.py
 	$(PY) benchmarks/bench_serve.py
 
-# The embedded benchmark's distillation variants and controls, 3 seeds (about 45 minutes on 2 cores).
+# The embedded benchmark's distillation variants and controls, 3 seeds: simple and hard (about
+# 45 minutes on 2 cores), then the reasoning family with leaf_instr_resp (about 50 minutes).
 reproduce: $(STAMP)
 	$(VENV)/bin/leaf-ray bench reproduce
+	$(VENV)/bin/leaf-ray bench reproduce --embedded assets/embedded-reasoning --families reasoning \
+	  --config configs/reproduce-reasoning.yaml --variants kd,kd_compute_matched,leaf,leaf_instr_resp,random,oracle
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -213,14 +213,16 @@ def bench_build(
     cfg = _load(config, BenchmarkConfig) if config else BenchmarkConfig()
     provenance = build(cfg)
     summary = embedded_results(provenance)
-    if results.exists():  # keep distillation variants measured earlier for the same build
+    if results.exists():  # keep other builds' families, and variants measured earlier for this one
         previous = json.loads(results.read_text())
         for family, figures in summary["families"].items():
             figures["variants"] = previous.get("families", {}).get(family, {}).get("variants", {})
+        summary["families"] = {**previous.get("families", {}), **summary["families"]}
     results.parent.mkdir(parents=True, exist_ok=True)
     results.write_text(json.dumps(summary, indent=2) + "\n")
-    for family, fig in summary["families"].items():
-        typer.echo(f"{family:>7}: teacher conflict {fig['teacher_conflict_acc']:.3f} | student conflict "
+    for family in cfg.families:
+        fig = summary["families"][family]
+        typer.echo(f"{family:>9}: teacher conflict {fig['teacher_conflict_acc']:.3f} | student conflict "
                    f"{fig['student_conflict_acc']:.3f}, copy {fig['student_copy_rate']:.3f} | "
                    f"detection F1 (clause) {fig['detection_f1']:.3f}")
     typer.echo(f"artifacts in {cfg.output_dir} ({provenance['timings_s']['total']} s); figures in {results}")
@@ -230,7 +232,8 @@ def bench_build(
 def bench_reproduce(
     embedded: Annotated[Path, typer.Option(help="Built benchmark directory.")] = Path("assets/embedded"),
     families: Annotated[str, typer.Option(help="Comma-separated families.")] = "simple,hard",
-    variants: Annotated[str, typer.Option(help="Comma-separated variants.")] = "kd,kd_compute_matched,leaf,random,oracle",
+    variants: Annotated[str, typer.Option(help="Comma-separated variants (leaf_instr_resp: reasoning family only).")] = (
+        "kd,kd_compute_matched,leaf,random,oracle"),
     seeds: Annotated[int, typer.Option(help="Seeds per variant (0..N-1).")] = 3,
     distill_config: Annotated[Path | None, typer.Option(
         "--config", help="DistillationConfig YAML for the shared settings (steps, lr, batch, loss).")] = None,
@@ -246,7 +249,7 @@ def bench_reproduce(
     for family, by_variant in table.items():
         summary["families"].setdefault(family, {}).setdefault("variants", {}).update(by_variant)
         for variant, row in by_variant.items():
-            typer.echo(f"{family:>7} {variant:>20}: conflict {row['conflict_acc_mean']:.3f} +/- "
+            typer.echo(f"{family:>9} {variant:>20}: conflict {row['conflict_acc_mean']:.3f} +/- "
                        f"{row['conflict_acc_std']:.3f} | clean {row['clean_acc_mean']:.3f} | "
                        f"attention on clause {row['attention_mass_mean']:.3f}")
     results.parent.mkdir(parents=True, exist_ok=True)

@@ -158,6 +158,8 @@ class DistillationConfig(StageConfig):
     validation_fraction: float = Field(0.05, ge=0, lt=1, description="Share of pairs held out for validation.")
     validation_max_records: int = Field(256, ge=1, description="At most this many validation pairs.")
     checker: CheckerName = Field("number", description="Answer check for validation accuracy (as verification's).")
+    max_new_tokens: int = Field(8, gt=0, description="Greedy tokens per validation answer (multi-step answers need "
+                                                     "more: the reasoning family's take about 30).")
     num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP ranks).")
     use_gpu: bool = Field(False, description="Ray Train workers on GPUs (nccl) instead of CPUs (gloo).")
     strategy: Literal["ddp", "fsdp"] = Field("ddp",
@@ -251,8 +253,9 @@ class BenchmarkConfig(StageConfig):
     """The embedded benchmark: data splits, tokenizer, teacher and student, from seeds."""
 
     output_dir: str = Field("assets/embedded", description="Where the benchmark's models and data are written.")
-    families: list[Literal["simple", "hard"]] = Field(["simple", "hard"],
-        description="Task families: 'simple' and 'hard'.")
+    families: list[Literal["simple", "hard", "reasoning"]] = Field(["simple", "hard"],
+        description="Task families one teacher and student are trained on: 'simple', 'hard', 'reasoning' "
+                    "(multi-step answers; configs/benchmark-reasoning.yaml builds it on its own).")
     seed: int = Field(0, description="Seeds data generation and training: the build is bitwise reproducible.")
     vocab_size: int = Field(512, ge=300, description="BPE vocabulary of the local tokenizer.")
     train_records: int = Field(30000, gt=0, description="Per family, for each of the teacher and student pools.")
@@ -307,6 +310,8 @@ class RunLayout:
 
     score/             the scoring job's store: originals and counterfactuals (a training set),
                        scores, errors (leaf_ray/detection/store.py)
+    score-response/    the same at response level, when a variant trains on the reasoning prefix
+                       (verify-response/ its verified pairs)
     verify/            the kept training set after vLLM verification (optional)
     variants/<name>/   training sets of the control variants (random, oracle spans)
     distill/<name>/    Ray Train checkpoints, metrics.jsonl, export.json and the model/ export
@@ -325,6 +330,15 @@ class RunLayout:
 
     def variant_data(self, variant: str) -> Path:
         return self.root / "variants" / variant
+
+    @property
+    def score_response(self) -> Path:
+        """The response-level scoring pass (for leaf_instr_resp), a store like ``score``."""
+        return self.root / "score-response"
+
+    @property
+    def verify_response(self) -> Path:
+        return self.root / "verify-response"
 
     def distill(self, variant: str) -> Path:
         return self.root / "distill" / variant

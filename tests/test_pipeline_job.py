@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from leaf_ray.detection.store import read_training_set
 from tests.conftest import EMBEDDED
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,18 +50,25 @@ def test_submitted_pipeline_writes_the_report_and_models(cluster, tmp_path):
 
     report = json.loads((run / "report.json").read_text())
     assert set(report["accuracy"]) == {"teacher", "student", "kd", "leaf", "leaf_instr_resp"}
-    assert "response-level" in report["accuracy"].pop("leaf_instr_resp")["skipped"]
     for row in report["accuracy"].values():
         assert set(row) == {"test_conflict", "test_clean"} and all(0 <= v <= 1 for v in row.values())
     assert report["accuracy"]["teacher"]["test_conflict"] > 0.9  # the embedded teacher is right
     assert 0 < report["detection"]["clause"]["f1"] <= 1
-    assert set(report["attention"]) == {"student", "kd", "leaf"}
+    assert set(report["attention"]) == {"student", "kd", "leaf", "leaf_instr_resp"}
     assert len(report["samples"]) == 3
-    assert {"prepare", "score", "distill_kd", "distill_leaf", "evaluate"} <= set(report["stages"])
-    assert report["scoring"]["scored"] == 2000
+    assert {"prepare", "score", "score_response", "distill_kd", "distill_leaf", "distill_leaf_instr_resp",
+            "evaluate"} <= set(report["stages"])
+    assert report["scoring"]["scored"] == report["scoring_response"]["scored"] == 2000
+    # leaf_instr_resp trains on both levels' pairs; a response-level pair learns only after its prefix.
+    pairs = read_training_set(run / "variants" / "leaf_instr_resp")
+    levels = [p.level for p in pairs]
+    assert levels.count("instruction") == levels.count("response") == 2000
+    response_pairs = [p for p in pairs if p.level == "response" and p.counterfactuals]
+    assert response_pairs and all(p.original.target_start > 0 and c.target_start > 0
+                                  for p in response_pairs for c in p.counterfactuals)
     html = (run / "report.html").read_text()
     assert "data:image/png;base64," in html and "LeaF" in html
-    for variant in ("kd", "leaf"):
+    for variant in ("kd", "leaf", "leaf_instr_resp"):
         export = json.loads((run / "distill" / variant / "export.json").read_text())
         assert export["metrics"]["step"] == 40
         assert export["lam"] == (1.0 if variant == "kd" else 0.5)  # the kd variant's rule, applied visibly

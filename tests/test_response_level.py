@@ -150,3 +150,25 @@ def test_verification_continues_from_the_pruned_prefix(byte_tokenizer, tmp_path)
     # From the unchanged instruction alone, every counterfactual would get the original's answer.
     alone = greedy_generate(model, byte_tokenizer, [r["instruction"] for r in rows], max_new_tokens=6)
     assert alone != got
+
+
+def test_the_pipeline_joins_both_levels_and_refuses_a_corpus_without_reasoning(byte_tokenizer, tmp_path):
+    """leaf_instr_resp's training set is the instruction pairs plus the response-level pass's; a
+    pass that kept nothing (single-step responses) is an error naming the variant, not a silent
+    copy of leaf."""
+    import pytest
+
+    from leaf_ray.config import PipelineConfig
+    from leaf_ray.distributed.pipeline import training_set
+
+    config = PipelineConfig.model_validate({"run_dir": str(tmp_path / "run"), "teacher": "t", "student": "s",
+                                            "scoring": {"corpus": "c.jsonl"}, "distillation": {}})
+    layout = config.layout
+    write_training_set(layout.score, scored_pairs(byte_tokenizer, tmp_path, "instruction"), {})
+    write_training_set(layout.score_response, [], {})
+    with pytest.raises(ValueError, match="leaf_instr_resp: the response-level pass kept no record"):
+        training_set(config, "leaf_instr_resp")
+    write_training_set(layout.score_response, scored_pairs(byte_tokenizer, tmp_path, "response"), {})
+    folder = training_set(config, "leaf_instr_resp")
+    assert sorted(p.level for p in read_training_set(folder)) == ["instruction"] * 3 + ["response"] * 3
+    assert training_set(config, "leaf") == layout.score

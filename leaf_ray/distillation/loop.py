@@ -177,7 +177,7 @@ def validate(student, teacher, tokenizer, validation: Sequence[TrainingPair], co
     mine = [p.original for p in validation[rank::world]]
     total, tokens = validation_loss(student, teacher, tokenizer, mine, config, vocab) if mine else (0.0, 0)
     answered = [r for r in mine if r.answer is not None]
-    correct = accuracy(student, tokenizer, answered, config.checker).accuracy * len(answered) if answered else 0.0
+    correct = accuracy(student, tokenizer, answered, config.checker, config.max_new_tokens).accuracy * len(answered) if answered else 0.0
     if world > 1:
         total, tokens, correct, counted = all_reduce_sum([total, tokens, correct, len(answered)])
     else:

@@ -6,6 +6,7 @@
 | kd_compute_matched   | 1        | 2x    | none; as many sequences as LeaF   |
 | leaf                 | config's | 1x    | the detected confounder spans     |
 | leaf_instr_resp      | config's | 1x    | instruction and reasoning prefix  |
+                                              (a pair per level and record)
 | random               | config's | 1x    | random spans, as much text        |
 | oracle               | config's | 1x    | the ground-truth confounder       |
 
@@ -34,7 +35,7 @@ class Variant:
     lam: float | None  # fixed lam, or None: the config's
     batch_multiplier: int
     spans: Literal["none", "detected", "random", "oracle"]
-    needs: str | None = None  # what the pipeline must provide that it does not yet, if anything
+    response_level: bool = False  # also trains on pairs cut in the reasoning prefix
 
 
 VARIANTS: dict[str, Variant] = {
@@ -42,7 +43,7 @@ VARIANTS: dict[str, Variant] = {
     "kd_compute_matched": Variant("plain KD with twice the batch, as many sequences per step as LeaF", 1.0, 2, "none"),
     "leaf": Variant("the hybrid loss, counterfactuals cut at the detected confounders", None, 1, "detected"),
     "leaf_instr_resp": Variant("LeaF on instruction and reasoning-prefix counterfactuals", None, 1, "detected",
-                               needs="a response-level scoring pass over multi-step responses"),
+                               response_level=True),
     "random": Variant("control: as much text cut at random places", None, 1, "random"),
     "oracle": Variant("control: the ground-truth confounder cut", None, 1, "oracle"),
 }
@@ -85,7 +86,8 @@ def variant_pairs(variant: str, scored: Sequence[ScoredRecord], pruning: Pruning
         if spans == "random":
             mask = random_mask_like(s.scores, detected, rng)
         elif spans == "oracle":
-            mask = mask_of_spans(s.scores, confounder_spans(s.record.meta))
+            truth = confounder_spans(s.record.meta, level=s.level)  # in the instruction / the response
+            mask = mask_of_spans(s.scores, [(a - s.text_offset, b - s.text_offset) for a, b in truth])
         else:
             mask = detected
         rows = counterfactuals(s.record, s.scores, pruning, level=s.level, text_offset=s.text_offset,

@@ -1,7 +1,9 @@
 """The whole LeaF run on Ray, stage by stage (what ``make demo`` and jobs/pipeline.py run).
 
-    prepare -> score (Ray Data) -> verify (optional, vLLM) -> distill each variant (Ray Train)
-    -> evaluate -> serve the LeaF student and query it (Ray Serve + vLLM) -> report
+    prepare -> score (Ray Data) -> [score_response] -> verify (optional, vLLM) -> distill each
+    variant (Ray Train) -> evaluate -> serve the LeaF student and query it (Ray Serve + vLLM) -> report
+
+``score_response`` runs when a variant trains on reasoning-prefix pairs (leaf_instr_resp).
 
 Every stage reads and writes the run folder (:class:`leaf_ray.config.RunLayout`) and is
 skipped when its output is already complete, so rerunning the same config after a failure
@@ -19,7 +21,13 @@ from typing import Any
 from leaf_ray.config import PipelineConfig
 from leaf_ray.data import iter_records
 from leaf_ray.detection.scorer import ScoredRecord
-from leaf_ray.detection.store import is_training_set, read_originals, read_scores, write_training_set
+from leaf_ray.detection.store import (
+    is_training_set,
+    read_originals,
+    read_scores,
+    read_training_set,
+    write_training_set,
+)
 from leaf_ray.distillation.variants import VARIANTS, variant_pairs
 from leaf_ray.files import write_text_atomically
 
@@ -48,15 +56,26 @@ def run_pipeline(config: PipelineConfig, config_path: str | None = None) -> dict
                      skipped=summary["this_run"]["records"] == 0)
         report["scoring"] = summary
 
+    response_level = config.distillation is not None and any(VARIANTS[v].response_level for v in config.variants)
+    if response_level:
+        with clock.stage("score_response") as entry:
+            summary = run_scoring(config, response_pass=True)
+            entry.update(records=summary["scored"], tokens_per_s=summary["this_run"]["tokens_per_s"],
+                         skipped=summary["this_run"]["records"] == 0)
+            report["scoring_response"] = summary
+
     if config.verification is not None:
-        with clock.stage("verify") as entry:
-            from leaf_ray.distributed.verify import run_verification
+        from leaf_ray.distributed.verify import run_verification
 
-            entry["skipped"] = (layout.verify / "summary.json").exists()
-            report["verification"] = run_verification(config)
+        for name, response_pass, folder in (("verify", False, layout.verify),
+                                            ("verify_response", True, layout.verify_response)):
+            if response_pass and not response_level:
+                continue
+            with clock.stage(name) as entry:
+                entry["skipped"] = (folder / "summary.json").exists()
+                report[name.replace("verify", "verification")] = run_verification(config, response_pass)
 
-    # A variant that needs something the pipeline does not produce is reported, not trained.
-    variants = [v for v in config.variants if VARIANTS[v].needs is None]
+    variants = config.variants
     if config.distillation is not None:
         from leaf_ray.distributed.distill import DistillationRun, run_distillation
 
@@ -74,10 +93,6 @@ def run_pipeline(config: PipelineConfig, config_path: str | None = None) -> dict
             if not entry["skipped"]:
                 write_text_atomically(layout.evaluation, json.dumps(evaluate(config, variants), indent=2) + "\n")
             report.update(json.loads(layout.evaluation.read_text()))
-            for variant in config.variants:
-                if variant not in variants:
-                    report["accuracy"][variant] = {"skipped": f"needs {VARIANTS[variant].needs}, "
-                                                              "which this pipeline does not run"}
 
     if config.serving is not None:
         with clock.stage("serve"):
@@ -115,14 +130,26 @@ def scored_records(config: PipelineConfig) -> list[ScoredRecord]:
 
 def training_set(config: PipelineConfig, variant: str) -> Path:
     """The training set a variant trains on: the scoring (or verification) output for KD and
-    LeaF; for the controls, counterfactuals cut from other spans, written once."""
+    LeaF; for leaf_instr_resp, those pairs and the response-level pass's together; for the
+    controls, counterfactuals cut from other spans. Sets of several sources are written once."""
     layout = config.layout
-    if VARIANTS[variant].spans not in ("random", "oracle"):
-        return layout.verify if config.verification else layout.score
+    rules = VARIANTS[variant]
+    instruction = layout.verify if config.verification else layout.score
+    if rules.spans not in ("random", "oracle") and not rules.response_level:
+        return instruction
     folder = layout.variant_data(variant)
     if not is_training_set(folder):
-        pairs = variant_pairs(variant, scored_records(config), config.pruning, seed=config.distillation.seed)
-        write_training_set(folder, pairs, {"variant": variant, "pairs": len(pairs)})
+        if rules.response_level:
+            response = read_training_set(layout.verify_response if config.verification else layout.score_response)
+            if not response:
+                raise ValueError(f"{variant}: the response-level pass kept no record (see "
+                                 f"{layout.score_response}/errors: a single-step response has no reasoning "
+                                 "prefix to prune); use a corpus with multi-step responses or drop the variant")
+            pairs = read_training_set(instruction) + response
+        else:
+            pairs = variant_pairs(variant, scored_records(config), config.pruning, seed=config.distillation.seed)
+        write_training_set(folder, pairs, {"variant": variant, "pairs": len(pairs),
+                                           "response_level_pairs": sum(p.level == "response" for p in pairs)})
     return folder
 
 
@@ -169,7 +196,7 @@ def serve_and_query(config: PipelineConfig) -> dict[str, Any]:
     question = next(iter(iter_records(config.evaluation.data[0]))).instruction if config.evaluation else "Hello"
     started = time.perf_counter()
     reply = requests.post(f"{url}/chat/completions", timeout=120, json={
-        "model": serving.model_id, "max_tokens": 16, "temperature": 0.0,
+        "model": serving.model_id, "max_tokens": 48, "temperature": 0.0,
         "messages": [{"role": "user", "content": question}]})
     reply.raise_for_status()
     return {"url": url, "model_id": serving.model_id, "latency_s": round(time.perf_counter() - started, 3),
@@ -185,7 +212,7 @@ def closing_message(config: PipelineConfig, report: dict[str, Any]) -> str:
         lines.append(f"  {name:>20}  " + (f"skipped: {row['skipped']}" if "skipped" in row else values))
     serving = report.get("serving")
     if serving:
-        body = json.dumps({"model": serving["model_id"], "max_tokens": 16,
+        body = json.dumps({"model": serving["model_id"], "max_tokens": 48,
                            "messages": [{"role": "user", "content": serving["sample"]["prompt"]}]})
         lines.append(f"served: curl {serving['url']}/chat/completions -H 'Content-Type: application/json' -d '{body}'")
     return "\n".join(lines)

@@ -47,7 +47,7 @@ def explode_file(row: dict[str, Any], columns: dict[str, Any]) -> list[dict[str,
 class ScoreActor:
     """Holds teacher and student; parses, scores, prunes and writes one batch per call."""
 
-    def __init__(self, config: PipelineConfig):
+    def __init__(self, config: PipelineConfig, output: str):
         import torch
 
         from leaf_ray.detection.scorer import PairScorer, ScoringBatchProcessor
@@ -56,7 +56,7 @@ class ScoreActor:
             scorer = PairScorer.from_paths(config.teacher, config.student, config.scoring)
         except (MemoryError, torch.OutOfMemoryError, RuntimeError, OSError) as exc:
             raise RuntimeError(_load_failure(config, exc)) from exc
-        self.process = ScoringBatchProcessor(scorer, config.pruning, config.layout.score)
+        self.process = ScoringBatchProcessor(scorer, config.pruning, output)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         records, unreadable = [], []
@@ -83,11 +83,18 @@ def _load_failure(config: PipelineConfig, exc: BaseException) -> str:
             f"actor reserved {config.scoring.resources.num_cpus} CPUs, {config.scoring.resources.num_gpus} GPUs")
 
 
-def run_scoring(config: PipelineConfig) -> dict[str, Any]:
-    """Score every record not yet done; return (and write) the summary over all runs."""
+def run_scoring(config: PipelineConfig, response_pass: bool = False) -> dict[str, Any]:
+    """Score every record not yet done; return (and write) the summary over all runs.
+
+    ``response_pass`` scores the reasoning prefix instead, into ``score-response/``: the second
+    pass a variant that trains on both levels needs (leaf_instr_resp).
+    """
     started = time.perf_counter()
-    scoring = config.scoring
     output = config.layout.score
+    if response_pass:
+        config = config.model_copy(update={"scoring": config.scoring.model_copy(update={"level": "response"})})
+        output = config.layout.score_response
+    scoring = config.scoring
     output.mkdir(parents=True, exist_ok=True)
     finished = done_keys(output)
     before = totals(output)
@@ -100,7 +107,7 @@ def run_scoring(config: PipelineConfig) -> dict[str, Any]:
     pending = rows.filter(lambda row: row["key"] not in finished)
     results = pending.map_batches(
         ScoreActor,
-        fn_constructor_kwargs={"config": config},
+        fn_constructor_kwargs={"config": config, "output": str(output)},
         batch_size=scoring.batch_size,
         compute=ray.data.ActorPoolStrategy(size=scoring.num_actors),
         num_cpus=scoring.resources.num_cpus,

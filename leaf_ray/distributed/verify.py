@@ -20,16 +20,18 @@ from leaf_ray.detection.verification import generation_requests, select
 from leaf_ray.distributed.generate import vllm_generate
 
 
-def run_verification(pipeline: PipelineConfig) -> dict[str, Any]:
-    """Answer, check and filter; returns (and writes) the summary. A finished run is kept."""
+def run_verification(pipeline: PipelineConfig, response_pass: bool = False) -> dict[str, Any]:
+    """Answer, check and filter; returns (and writes) the summary. A finished run is kept.
+    ``response_pass`` verifies the response-level store (score-response/ -> verify-response/)."""
     config = pipeline.verification
     if config is None:
         raise ValueError("the pipeline config has no 'verification' section")
-    output = pipeline.layout.verify
+    layout = pipeline.layout
+    source, output = (layout.score_response, layout.verify_response) if response_pass else (layout.score, layout.verify)
     if (output / "summary.json").exists():
         return json.loads((output / "summary.json").read_text())
     started = time.perf_counter()
-    pairs = read_training_set(pipeline.layout.score)
+    pairs = read_training_set(source)
     rows = generation_requests(pairs)
     engine = {"max_tokens": config.max_tokens, "max_model_len": config.max_model_len, "dtype": config.dtype,
               "gpu_memory_utilization": config.gpu_memory_utilization, "batch_size": config.batch_size,

@@ -4,8 +4,10 @@ For each family: score the distillation corpus once with teacher and student, th
 each variant and seed distil a fresh copy of the student and measure it on the held-out
 conflict and clean sets. The variants and their rules are defined once, in
 :mod:`leaf_ray.distillation.variants`; training is :func:`leaf_ray.distillation.loop.train`,
-the loop every Ray Train worker runs. ``leaf_instr_resp`` needs multi-step responses, which
-the benchmark does not have, so it is rejected here rather than silently equal to ``leaf``.
+the loop every Ray Train worker runs. ``leaf_instr_resp`` also scores the reasoning prefix
+(response level) and trains on the pairs of both levels; it needs multi-step responses (the
+``reasoning`` family), and is rejected for single-answer families rather than silently equal
+to ``leaf``.
 """
 
 from __future__ import annotations
@@ -23,16 +25,15 @@ from leaf_ray.distillation.losses import shared_vocab_size
 from leaf_ray.distillation.variants import VARIANTS, variant_config, variant_pairs
 from leaf_ray.evaluation import accuracy, attention_mass
 from leaf_ray.models import load_model
-
-BENCH_VARIANTS = ("kd", "kd_compute_matched", "leaf", "random", "oracle")
+from leaf_ray.synthetic.build import FAMILIES, REASONING_PREFIX_FRACTION
 
 
 def reproduce(embedded: Path, families: list[str], variants: list[str], seeds: list[int],
               base: DistillationConfig, pruning: PruningConfig, eval_records: int = 300) -> dict[str, Any]:
-    for variant in variants:
-        if VARIANTS[variant].needs is not None:
-            raise ValueError(f"{variant} needs {VARIANTS[variant].needs}; the embedded benchmark's responses "
-                             "are single answers")
+    for family in families:
+        if family != "reasoning" and any(VARIANTS[v].response_level for v in variants):
+            raise ValueError(f"leaf_instr_resp needs multi-step responses; family {family!r} answers in one "
+                             "step (use the reasoning family)")
     teacher, tokenizer = load_model(embedded / "teacher")
     pristine, student_tokenizer = load_model(embedded / "student")
     vocab = shared_vocab_size(tokenizer, student_tokenizer, teacher.config.vocab_size, pristine.config.vocab_size)
@@ -41,30 +42,41 @@ def reproduce(embedded: Path, families: list[str], variants: list[str], seeds: l
         data = embedded / "data" / family
         corpus = list(iter_records(data / "distill.jsonl"))
         tests = {name: list(iter_records(data / f"test_{name}.jsonl"))[:eval_records] for name in ("conflict", "clean")}
-        scorer = PairScorer(teacher, tokenizer, pristine, student_tokenizer, ScoringConfig(corpus=str(data), max_length=512))
-        scored, errors = scorer.score(corpus)
-        if errors:
-            raise RuntimeError(f"{family}: {len(errors)} records failed to score, first: {errors[0]}")
+        spec = FAMILIES[family]
+        levels = ["instruction"] + (["response"] if any(VARIANTS[v].response_level for v in variants) else [])
+        scored = {}
+        for level in levels:
+            scorer = PairScorer(teacher, tokenizer, pristine, student_tokenizer, ScoringConfig(
+                corpus=str(data), max_length=512, level=level, prefix_fraction=REASONING_PREFIX_FRACTION))
+            scored[level], errors = scorer.score(corpus)
+            if errors:
+                raise RuntimeError(f"{family}: {len(errors)} records failed to score at {level} level, "
+                                   f"first: {errors[0]}")
+
+        def measured(model, records) -> float:
+            return accuracy(model, student_tokenizer, records, spec.checker, spec.max_new_tokens).accuracy
+
         results[family] = {}
         for variant in variants:
             runs = []
             for seed in seeds:
                 config, _ = variant_config(base.model_copy(update={"seed": seed}), variant)
                 student = copy.deepcopy(pristine).requires_grad_(True)
+                pairs = [p for level in (levels if VARIANTS[variant].response_level else ["instruction"])
+                         for p in variant_pairs(variant, scored[level], pruning, seed)]
                 curve = []
 
                 def on_step(metrics: dict[str, Any], _state: dict[str, Any]) -> None:
-                    if metrics["step"] % config.validation_interval(len(scored)) == 0:
+                    if metrics["step"] % config.validation_interval(len(corpus)) == 0:
                         student.eval()
-                        curve.append({"step": metrics["step"], "conflict_acc_100": accuracy(
-                            student, student_tokenizer, tests["conflict"][:100]).accuracy})
+                        curve.append({"step": metrics["step"],
+                                      "conflict_acc_100": measured(student, tests["conflict"][:100])})
 
-                train(student, teacher, student_tokenizer, variant_pairs(variant, scored, pruning, seed), config,
-                      vocab, report=on_step)
-                final = {f"{name}_acc": accuracy(student, student_tokenizer, records).accuracy
-                         for name, records in tests.items()}
+                train(student, teacher, student_tokenizer, pairs, config, vocab, report=on_step)
+                final = {f"{name}_acc": measured(student, records) for name, records in tests.items()}
                 final["attention_mass"] = attention_mass(student, student_tokenizer, tests["conflict"])
                 final["curve"] = curve
+                final.update(pairs=len(pairs), counterfactuals=sum(len(p.counterfactuals) for p in pairs))
                 runs.append(final)
             results[family][variant] = summarise(runs, seeds, config)
     return results
@@ -78,6 +90,8 @@ def summarise(runs: list[dict[str, Any]], seeds: list[int], config: Distillation
         "clean_acc_mean": statistics.mean(r["clean_acc"] for r in runs),
         "attention_mass_mean": statistics.mean(r["attention_mass"] for r in runs),
         "seeds": seeds,
+        "pairs": runs[0]["pairs"],
+        "counterfactuals": runs[0]["counterfactuals"],
         "steps": config.max_steps,
         "batch_size": config.batch_size,
         "lam": config.lam,
