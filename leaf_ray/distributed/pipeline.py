@@ -196,7 +196,7 @@ def serve_and_query(config: PipelineConfig) -> dict[str, Any]:
     question = next(iter(iter_records(config.evaluation.data[0]))).instruction if config.evaluation else "Hello"
     started = time.perf_counter()
     reply = requests.post(f"{url}/chat/completions", timeout=120, json={
-        "model": serving.model_id, "max_tokens": 48, "temperature": 0.0,
+        "model": serving.model_id, "max_tokens": 16, "temperature": 0.0,
         "messages": [{"role": "user", "content": question}]})
     reply.raise_for_status()
     return {"url": url, "model_id": serving.model_id, "latency_s": round(time.perf_counter() - started, 3),
@@ -212,7 +212,7 @@ def closing_message(config: PipelineConfig, report: dict[str, Any]) -> str:
         lines.append(f"  {name:>20}  " + (f"skipped: {row['skipped']}" if "skipped" in row else values))
     serving = report.get("serving")
     if serving:
-        body = json.dumps({"model": serving["model_id"], "max_tokens": 48,
+        body = json.dumps({"model": serving["model_id"], "max_tokens": 16,
                            "messages": [{"role": "user", "content": serving["sample"]["prompt"]}]})
         lines.append(f"served: curl {serving['url']}/chat/completions -H 'Content-Type: application/json' -d '{body}'")
     return "\n".join(lines)
