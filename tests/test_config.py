@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from leaf_ray.config import BenchmarkConfig, ConfigError, PipelineConfig, PruningConfig, ServingConfig, load_config
+from leaf_ray.config import BenchmarkConfig, ConfigError, DistillationConfig, PipelineConfig, PruningConfig, ServingConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -16,6 +16,12 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_example_configs_validate(path):
     if path.name == "benchmark.yaml":
         assert load_config(path, BenchmarkConfig) == BenchmarkConfig(), "configs/benchmark.yaml documents the defaults"
+        return
+    if path.name.startswith("benchmark-"):  # another build's BenchmarkConfig
+        assert load_config(path, BenchmarkConfig).output_dir != BenchmarkConfig().output_dir
+        return
+    if path.name.startswith("reproduce-"):  # bench reproduce's shared DistillationConfig
+        assert load_config(path, DistillationConfig).max_steps > 0
         return
     config = load_config(path, PipelineConfig)
     assert config.teacher and config.student and config.pruning.quantile_cap <= 1
