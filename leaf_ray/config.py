@@ -74,8 +74,9 @@ class ScoringConfig(StageConfig):
     padding_side: Literal["left", "right"] = Field("right",
         description="Padding side of scoring batches (results do not depend on it).")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    bf16_autocast: bool = Field(
-        False, description="bf16 autocast of the forward passes (GPU, and CPUs with AVX512-BF16/AMX).")
+    bf16_autocast: bool | Literal["auto"] = Field(
+        False, description="bf16 autocast of the forward passes; 'auto': only where bf16 is native (GPUs with "
+                           "bf16, CPUs with AVX512-BF16/AMX). Off by default: bf16 moves some masks.")
     device: str = Field("auto", description="'auto' picks cuda when available, else cpu.")
     device_map: str | None = Field(None, description="'auto' to spread a big teacher over an actor's GPUs.")
     units: Literal["text", "tokens"] = Field("text",
@@ -150,7 +151,9 @@ class DistillationConfig(StageConfig):
     batch_size: int = Field(64, gt=0, description="Pairs per optimizer step, over all workers.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step (batch_size must divide).")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
-    bf16_autocast: bool = Field(True, description="bf16 autocast of forward passes (GPU, and CPUs with AVX512-BF16).")
+    bf16_autocast: bool | Literal["auto"] = Field("auto",
+        description="bf16 autocast of forward passes; 'auto': only where bf16 is native (GPUs with bf16, CPUs "
+                    "with AVX512-BF16/AMX), since emulated bf16 is slower than float32.")
     checkpoint_every: int = Field(200, gt=0, description="Steps between Ray Train checkpoints (and at the end).")
     eval_every: int | None = Field(
         None, gt=0, description="Steps between validation passes (and at the end); default: once per epoch, "

@@ -27,7 +27,7 @@ from leaf_ray.detection.sensitivity import (
 )
 from leaf_ray.detection.units import Unit, split_units, token_units
 from leaf_ray.detection.store import error_key, error_row, write_batch
-from leaf_ray.models import load_model
+from leaf_ray.models import bf16_autocast_enabled, load_model
 
 
 def nan_to_none(value: float) -> float | None:
@@ -173,8 +173,9 @@ class PairScorer:
                 errors.append(exc)
         raw: list[list[np.ndarray | None]] = [[None] * len(prepared) for _ in self.models]
         for m, model in enumerate(self.models):
-            autocast = torch.autocast(next(model.parameters()).device.type, dtype=torch.bfloat16,
-                                      enabled=self.config.bf16_autocast)
+            device = next(model.parameters()).device
+            autocast = torch.autocast(device.type, dtype=torch.bfloat16,
+                                      enabled=bf16_autocast_enabled(self.config.bf16_autocast, device))
             for batch in self._batches(prepared, m):
                 with autocast:
                     norms = token_sensitivity(model, [prepared[i].items[m] for i in batch],

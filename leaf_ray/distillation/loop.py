@@ -32,6 +32,7 @@ from leaf_ray.config import DistillationConfig
 from leaf_ray.data import Record, TrainingPair, encode_for_training
 from leaf_ray.distillation.losses import distill_loss, leaf_loss
 from leaf_ray.distillation.parallel import bare_model, clip_gradients, load_optimizer_state, lockstep_forwards
+from leaf_ray.models import bf16_autocast_enabled
 
 
 def sample_batch(pairs: Sequence[TrainingPair], config: DistillationConfig, size: int, rng: random.Random
@@ -117,8 +118,9 @@ def accumulate_gradients(student, teacher, tokenizer, originals: list[Record], c
     Returns the step's mean loss and its branches.
     """
     micro = len(originals) // config.grad_accum
-    autocast = torch.autocast(next(student.parameters()).device.type, dtype=torch.bfloat16,
-                              enabled=config.bf16_autocast)
+    device = next(student.parameters()).device
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16,
+                              enabled=bf16_autocast_enabled(config.bf16_autocast, device))
     if config.grad_accum > 1:
         originals, counterfactuals = by_length(tokenizer, originals, counterfactuals)
     total, parts_sum = 0.0, {}
