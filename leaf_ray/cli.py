@@ -245,8 +245,12 @@ def bench_reproduce(
     base = (_load(distill_config, DistillationConfig) if distill_config else
             DistillationConfig(max_steps=500, eval_every=100))
     table = reproduce(embedded, families.split(","), variants.split(","), list(range(seeds)), base, PruningConfig())
+    provenance = json.loads((embedded / "provenance.json").read_text())
+    build = {key: provenance[key] for key in ("config_hash", "code_hash")}  # which models each row measured
     summary = json.loads(results.read_text()) if results.exists() else {"families": {}}
     for family, by_variant in table.items():
+        for row in by_variant.values():
+            row["build"] = build
         summary["families"].setdefault(family, {}).setdefault("variants", {}).update(by_variant)
         for variant, row in by_variant.items():
             typer.echo(f"{family:>9} {variant:>20}: conflict {row['conflict_acc_mean']:.3f} +/- "

@@ -220,6 +220,7 @@ def embedded_results(provenance: dict[str, Any]) -> dict[str, Any]:
             "detection": fig["detection"],
             **({"response_detection": fig["response_detection"]} if "response_detection" in fig else {}),
             "config_hash": provenance["config_hash"],
+            "code_hash": provenance["code_hash"],
             "variants": {},
         }
     return {"source": "leaf-ray bench build", "families": families}
