@@ -413,11 +413,22 @@ def test_rayservice_serves_the_serve_app_on_gpus():
     assert group["maxReplicas"] * per_pod >= serving.max_replicas
     assert group["minReplicas"] * per_pod >= serving.min_replicas
 
-    # The API key comes from a Kubernetes Secret into every Ray container (replicas run anywhere).
-    assert serving.api_key_env
+    # The API key is a Secret mounted as a file in every Ray container (the ingress replica runs
+    # anywhere), and in no container's environment.
+    assert serving.api_key_file and not serving.api_key_env
+    key_dir, key_name = serving.api_key_file.rsplit("/", 1)
     for pod in pod_specs(spec):
-        env = {e["name"]: e for e in pod["containers"][0].get("env", [])}
-        assert "secretKeyRef" in env[serving.api_key_env]["valueFrom"]
+        (mount,) = [m for m in pod["containers"][0]["volumeMounts"] if m["mountPath"] == key_dir]
+        assert mount["readOnly"] is True
+        (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+        assert volume["secret"]["secretName"] == "leaf-ray-api-key" and key_name == "api-key"
+        assert not any("secretKeyRef" in e.get("valueFrom", {}) for e in pod["containers"][0].get("env", []))
+
+    # The GPU pods are ready and alive by the app's own /health, on the Serve port.
+    container = group["template"]["spec"]["containers"][0]
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/health", "port": 8000}
+    assert container["livenessProbe"]["periodSeconds"] * container["livenessProbe"]["failureThreshold"] >= 300
 
     # Model paths: on the volume every GPU pod mounts, or in the image (copied from the repo).
     workdir = image_workdir()
@@ -432,3 +443,19 @@ def test_rayservice_serves_the_serve_app_on_gpus():
     _, pipeline = rayjob_pipeline()
     assert "leaf" in pipeline.variants
     assert serving.model == f"{workdir}/{pipeline.layout.model('leaf')}"
+
+
+@pytest.mark.parametrize("kind", CLUSTER_SPECS)
+def test_every_pod_runs_unprivileged(kind):
+    for pod in pod_specs(CLUSTER_SPECS[kind]()):
+        context = pod["securityContext"]
+        assert context["runAsNonRoot"] is True and context["runAsUser"] != 0
+        assert context["seccompProfile"] == {"type": "RuntimeDefault"}
+        for container in pod["containers"]:
+            assert container["securityContext"] == {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+
+
+def test_the_rayjob_has_a_deadline_and_bounded_retries():
+    spec = manifest("RayJob")["spec"]
+    assert 0 < spec["activeDeadlineSeconds"] <= 24 * 3600
+    assert 0 <= spec["backoffLimit"] <= 3
