@@ -208,6 +208,11 @@ class ServingConfig(StageConfig):
     teacher: str | None = Field(None, description="Teacher model for /v1/focus: adds the LeaF diff and pruned spans.")
     pruning: PruningConfig = Field(PruningConfig(), description="Confounder rule /v1/focus applies with a teacher.")
     focus_resources: ResourcesConfig = Field(ResourcesConfig(), description="Per /v1/focus replica.")
+    focus_max_queued_requests: int = Field(16, ge=1, description="/v1/focus requests queued per ingress replica; "
+                                                                 "past it, 503 with Retry-After.")
+    max_body_bytes: int = Field(1_048_576, gt=0, description="Largest request body; larger ones get 413.")
+    max_n: int = Field(8, ge=1, description="Largest 'n' (choices per request) accepted.")
+    max_stop: int = Field(4, ge=0, description="Most stop strings per request (OpenAI's limit is 4).")
     port: int = Field(8000, gt=0, lt=65536,
         description="HTTP port of the local Serve proxy (leaf-ray serve, the pipeline).")
 

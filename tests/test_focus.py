@@ -87,6 +87,12 @@ def test_requests_that_cannot_be_scored_say_why(models):
         focus.explain("ann has 3 . " * 40, "3")
     with pytest.raises(FocusError, match="prompt is empty"):
         focus.explain("   ", "3")
+    # Past what 64 of the longest tokens can hold: refused before anything tokenizes it (without
+    # a tokenizer, tokenizing would raise something other than FocusError).
+    focus.student_tokenizer = None
+    with pytest.raises(FocusError, match="48000 characters, more than 64 tokens can hold"):
+        focus.explain("ann has 3 . " * 4000)
+    focus.student_tokenizer = s_tok
     with pytest.raises(FocusError, match="response is empty"):
         focus.explain("ann has 3 .", "  ")
     with pytest.raises(ValueError, match="needs its tokenizer"):

@@ -3,8 +3,10 @@ embedded student and teacher, called over HTTP (requests) and with the openai cl
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +28,7 @@ KEY_ENV, KEY = "LEAF_TEST_API_KEY", "test-key-7f3a"
 MODEL_ID = "leaf-student"
 MAX_MODEL_LEN = 256
 URL = "http://127.0.0.1:8000"
+FOCUS_QUEUE = 1  # /v1/focus queue per ingress replica: small, so the back-pressure test can fill it
 AUTH = {"Authorization": f"Bearer {KEY}"}
 PROMPTS = ["sue has 1 . sue gets 7 more . there are 5 birds outside . how many does sue have ?",
            "ann has 3 . ann gets 4 more . note : 9 is lucky . how many does ann have ?"]
@@ -49,7 +52,8 @@ def server():
     try:
         serve.run(build_app({"model": str(EMBEDDED / "student"), "model_id": MODEL_ID, "dtype": "float32",
                              "max_model_len": MAX_MODEL_LEN, "api_key_env": KEY_ENV,
-                             "teacher": str(EMBEDDED / "teacher")}))
+                             "teacher": str(EMBEDDED / "teacher"),
+                             "focus_max_queued_requests": FOCUS_QUEUE}))
         yield URL
     finally:
         serve.shutdown()
@@ -60,6 +64,15 @@ def server():
 def assert_still_serving() -> None:
     reply = requests.post(f"{URL}/v1/chat/completions", json=chat_body(), headers=AUTH, timeout=60)
     assert reply.status_code == 200, reply.text
+
+
+def assert_openai_error(reply: requests.Response, status: int, message: str) -> None:
+    """OpenAI's error shape (what the openai client parses), the message, and no internal text."""
+    assert reply.status_code == status, reply.text
+    error = reply.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}, error
+    assert message in error["message"], error
+    assert "Traceback" not in reply.text and "ray::" not in reply.text and "pid=" not in reply.text
 
 
 def test_health_answers_without_a_key(server):
@@ -76,9 +89,22 @@ def test_requests_without_the_key_get_401(server, method, path, headers):
     # A malformed body still gets 401, not 400: the check runs before anything parses the request.
     reply = requests.request(method, server + path, headers={**headers, "Content-Type": "application/json"},
                              data="{not json", timeout=30)
-    assert reply.status_code == 401, reply.text
-    assert "API key" in reply.json()["error"]["message"]
+    assert_openai_error(reply, 401, "API key")
     assert reply.headers["www-authenticate"] == "Bearer"
+
+
+@pytest.mark.parametrize("keys", [[f"Bearer {KEY}", f"Bearer {KEY}"], ["Bearer wrong", f"Bearer {KEY}"],
+                                  [f"Bearer {KEY}", "Bearer wrong"]], ids=["same-twice", "wrong-first", "wrong-last"])
+def test_two_authorization_headers_are_refused(server, keys):
+    # requests merges headers in a dict; http.client sends each one as given.
+    connection = http.client.HTTPConnection("127.0.0.1", 8000, timeout=30)
+    connection.putrequest("GET", "/v1/models")
+    for key in keys:
+        connection.putheader("Authorization", key)
+    connection.endheaders()
+    reply = connection.getresponse()
+    body = json.loads(reply.read())
+    assert reply.status == 401 and body["error"]["message"] == "send exactly one Authorization header"
 
 
 def test_models_lists_the_configured_model(server):
@@ -140,7 +166,29 @@ BAD_REQUESTS = {
                             400, "max_tokens must be at least 1"),
     "max_tokens beyond max_model_len": ("/v1/chat/completions", chat_body(max_tokens=100_000), 400,
                                         "cannot be greater than max_model_len"),
-    "malformed JSON": ("/v1/chat/completions", "{\"model\": ", 400, "JSON decode error"),
+    "malformed JSON": ("/v1/chat/completions", "{\"model\": ", 400, "not valid JSON"),
+    "invalid UTF-8": ("/v1/chat/completions", b'{"model": "\xff"}', 400, "not valid UTF-8"),
+    "body not an object": ("/v1/chat/completions", [chat_body()], 400, "must be a JSON object"),
+    "max_tokens NaN": ("/v1/chat/completions", json.dumps(chat_body()).replace('"max_tokens": 8', '"max_tokens": NaN'),
+                       400, "NaN is not a JSON number"),
+    "temperature Infinity": ("/v1/chat/completions", json.dumps(chat_body()).replace('"temperature": 0',
+                                                                                     '"temperature": -Infinity'),
+                             400, "-Infinity is not a JSON number"),
+    "top_p overflowing to infinity": ("/v1/chat/completions", json.dumps(chat_body()) [:-1] + ', "top_p": 1e999}',
+                                      400, "top_p: not a finite number"),
+    "lone surrogate in a message": ("/v1/chat/completions", json.dumps(chat_body("ann \ud800 has 3")), 400,
+                                    "messages[0].content: invalid Unicode"),
+    "unknown role": ("/v1/chat/completions", {**chat_body(), "messages": [{"role": "wizard", "content": "hi"}]},
+                     400, "messages[0].role: 'wizard' is not one of"),
+    "n far too large": ("/v1/chat/completions", chat_body(n=16384), 400, "n must be between 1 and 8"),
+    "too many stop strings": ("/v1/chat/completions", chat_body(stop=["a", "b", "c", "d", "e"]), 400,
+                              "at most 4 stop strings"),
+    "LoRA-style model id": ("/v1/chat/completions", {**chat_body(), "model": f"{MODEL_ID}:x"}, 404,
+                            "does not exist"),
+    "body over max_body_bytes": ("/v1/chat/completions", chat_body("ann " * 300_000), 413, "larger than 1048576"),
+    "unmounted: embeddings": ("/v1/embeddings", {"model": MODEL_ID, "input": "a"}, 404, "Not Found"),
+    "unmounted: score": ("/v1/score", {"model": MODEL_ID, "text_1": "a", "text_2": "b"}, 404, "Not Found"),
+    "unmounted: tokenize": ("/tokenize", {"model": MODEL_ID, "prompt": "a"}, 404, "Not Found"),
     "messages not a list": ("/v1/chat/completions", {**chat_body(), "messages": "hi"}, 400, "valid list"),
     "max_tokens not an integer": ("/v1/chat/completions", chat_body(max_tokens="lots"), 400, "valid integer"),
     "temperature not a number": ("/v1/chat/completions", chat_body(temperature="hot"), 400, "valid number"),
@@ -149,19 +197,57 @@ BAD_REQUESTS = {
     "focus: empty prompt": ("/v1/focus", {"prompt": ""}, 400, "at least 1 character"),
     "focus: prompt not a string": ("/v1/focus", {"prompt": 7}, 400, "valid string"),
     "focus: unknown field": ("/v1/focus", {"prompt": "a", "temperature": 1}, 400, "Extra inputs"),
-    "focus: too long": ("/v1/focus", {"prompt": LONG_PROMPT, "response": "3"}, 400, "more than the 256 allowed"),
+    # Under the character bound (256 tokens x the longest token's 9 characters), over 256 tokens.
+    "focus: too long": ("/v1/focus", {"prompt": "7 " * 300, "response": "3"}, 400, "more than the 256 allowed"),
+    # Far past what 256 tokens can hold: refused by its length in characters, before tokenizing.
+    "focus: cannot fit": ("/v1/focus", {"prompt": "ann has 3 . " * 40_000}, 400, "480000 characters"),
 }
 
 
 @pytest.mark.parametrize("name", list(BAD_REQUESTS))
 def test_bad_requests_get_a_clear_4xx_and_the_server_keeps_answering(server, name):
     path, body, status, message = BAD_REQUESTS[name]
-    data = body if isinstance(body, str) else json.dumps(body)
+    data = body if isinstance(body, (str, bytes)) else json.dumps(body)
     reply = requests.post(server + path, data=data, headers={**AUTH, "Content-Type": "application/json"}, timeout=60)
-    assert reply.status_code == status, reply.text
-    assert message in reply.text
-    assert "Traceback" not in reply.text and "ray::" not in reply.text  # a message, not a stack dump
+    assert_openai_error(reply, status, message)
     assert_still_serving()
+
+
+def test_load_with_a_third_malformed_gives_no_5xx(server):
+    """200 requests at concurrency 16, every third one malformed: each bad one a 4xx, each good
+    one answered, none a 5xx."""
+    bad = [name for name in BAD_REQUESTS if not name.startswith(("focus", "body over"))]
+
+    def send(i: int) -> tuple[bool, int]:
+        if i % 3:
+            reply = requests.post(f"{server}/v1/chat/completions", json=chat_body(PROMPTS[i % 2], max_tokens=4),
+                                  headers=AUTH, timeout=120)
+            return True, reply.status_code
+        path, body, _, _ = BAD_REQUESTS[bad[i // 3 % len(bad)]]
+        data = body if isinstance(body, (str, bytes)) else json.dumps(body)
+        reply = requests.post(server + path, data=data, timeout=120,
+                              headers={**AUTH, "Content-Type": "application/json"})
+        return False, reply.status_code
+
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(send, range(200)))
+    good = [code for ok, code in results if ok]
+    malformed = [code for ok, code in results if not ok]
+    assert len(malformed) == 67 and good.count(200) == len(good) == 133
+    assert all(400 <= code < 500 for code in malformed), sorted(set(malformed))
+
+
+def test_focus_past_its_queue_answers_503_with_retry_after(server):
+    body = {"prompt": PROMPTS[1]}  # no response: each request also generates an answer, so they overlap
+    with ThreadPoolExecutor(16) as pool:
+        replies = list(pool.map(lambda _: requests.post(f"{server}/v1/focus", json=body, headers=AUTH, timeout=120),
+                                range(16)))
+    codes = [r.status_code for r in replies]
+    assert set(codes) == {200, 503}, codes  # some served, the rest refused at once, nothing else
+    busy = next(r for r in replies if r.status_code == 503)
+    assert_openai_error(busy, 503, "busy")
+    assert busy.headers["retry-after"] == "5"
+    assert requests.post(f"{server}/v1/focus", json=body, headers=AUTH, timeout=60).status_code == 200
 
 
 def test_focus_over_http_equals_the_in_process_scorer(server):
@@ -185,6 +271,21 @@ def test_focus_over_http_equals_the_in_process_scorer(server):
     chat = requests.post(f"{server}/v1/chat/completions", json=chat_body(max_tokens=16), headers=AUTH, timeout=60)
     assert reply.json()["response_source"] == "student"
     assert reply.json()["response"] == chat.json()["choices"][0]["message"]["content"]
+
+
+def test_health_is_503_with_a_fixed_message_while_the_engine_is_down(server):
+    """Kills the engine replica (a real fault, last of the server tests): /health answers 503 with
+    a fixed message, not the engine's exception text. (Serve restarts the replica; waiting for
+    that would test Ray, and cost a minute.)"""
+    import ray
+    from ray.util.state import list_actors
+
+    (engine,) = [a for a in list_actors(filters=[("state", "=", "ALIVE")])
+                 if a.class_name.startswith("ServeReplica:") and "LLM" in a.class_name]
+    ray.kill(ray.get_actor(engine.name, namespace=engine.ray_namespace), no_restart=True)
+    reply = requests.get(f"{server}/health", timeout=60)
+    assert_openai_error(reply, 503, "the engine is not ready")
+    assert reply.json()["error"]["message"] == "the engine is not ready"
 
 
 def test_serve_config_file_is_a_valid_serve_config_of_serving_args():

@@ -6,12 +6,20 @@ vLLM engine (the CPU build here, CUDA vLLM on a GPU node), and the HTTP ingress 
 ``/v1/models``, ...), composed the way ``build_openai_app`` composes it, with three
 additions:
 
-- ``GET /health``: pings the engine; 503 when it is down. Needs no API key (probes).
+- ``GET /health``: pings the engine (with a timeout); 503 with a fixed message when it is
+  down. Needs no API key (probes).
 - ``POST /v1/focus``: the student's gradient sensitivity over a prompt (and, with a
   teacher, the LeaF diff and the spans pruning would cut), from a separate small
-  deployment so that it never competes with generation for the engine.
+  deployment with a bounded queue, so that it never competes with generation for the engine.
 - an API-key check in front of everything else: with ``api_key_env`` or ``api_key_file``
-  set, a request without ``Authorization: Bearer <key>`` gets 401 before its body is read.
+  set, a request without exactly one ``Authorization: Bearer <key>`` gets 401 before its
+  body is read.
+- a request guard behind it (:mod:`leaf_ray.serving.guard`): a body-size limit, then the
+  checks Ray's ingress and vLLM leave out (finite numbers, valid Unicode, known roles and
+  model ids, ``n`` and ``stop`` caps).
+
+Every error, Ray's and ours, is a 4xx or 503 in OpenAI's shape (``{"error": {...}}``), and
+only the endpoints this model serves are mounted (chat, completions, models).
 
 ``serve run serve/config.yaml`` (import path ``leaf_ray.serving.app:build_app``) calls
 :func:`build_app` with the config's ``args``: the fields of :class:`leaf_ray.config.ServingConfig`.
@@ -19,26 +27,40 @@ additions:
 
 from __future__ import annotations
 
+import asyncio
 import hmac
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from fastapi import HTTPException, status
+from fastapi import FastAPI, HTTPException, status
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve import Application
+from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from ray.serve.llm import LLMConfig, build_llm_deployment
 from ray.serve.llm.ingress import OpenAiIngress, make_fastapi_ingress
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from leaf_ray.config import ServingConfig
 from leaf_ray.serving.focus import FocusError, FocusScorer
+from leaf_ray.serving.guard import OpenAIError, RequestLimits, check_request, parse_body
 from leaf_ray.serving.ray_private import DEFAULT_ENDPOINTS, init, to_model_metadata
+
+logger = logging.getLogger(__name__)
 
 # Routes that answer without an API key: liveness / readiness probes.
 OPEN_PATHS = frozenset({"/health"})
+HEALTH_TIMEOUT_S = 10.0
+FOCUS_RETRY_AFTER_S = 5
+
+
+def error_response(error: OpenAIError, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status, headers=headers)
 
 
 @dataclass(frozen=True)
@@ -69,8 +91,9 @@ class ApiKeySource:
 
 
 class BearerTokenMiddleware:
-    """ASGI middleware: 401 unless ``Authorization: Bearer <key>``. It runs before routing,
-    so an unauthenticated request is never parsed and nothing reaches the engine."""
+    """ASGI middleware: 401 unless exactly one ``Authorization: Bearer <key>`` header. It runs
+    before routing, so an unauthenticated request is never parsed and nothing reaches the engine.
+    Two Authorization headers are ambiguous (proxies disagree on which one counts): refused."""
 
     def __init__(self, app, source: ApiKeySource):
         self.app = app
@@ -79,15 +102,68 @@ class BearerTokenMiddleware:
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and self.expected is not None and scope["path"] not in OPEN_PATHS:
-            given = dict(scope["headers"]).get(b"authorization", b"")
-            if not hmac.compare_digest(given, self.expected):
-                response = JSONResponse(
-                    {"error": {"message": "missing or invalid API key: send 'Authorization: Bearer <key>'",
-                               "type": "AuthenticationError", "code": 401}},
-                    status_code=status.HTTP_401_UNAUTHORIZED, headers={"WWW-Authenticate": "Bearer"})
-                await response(scope, receive, send)
+            given = [value for name, value in scope["headers"] if name == b"authorization"]
+            if len(given) != 1 or not hmac.compare_digest(given[0], self.expected):
+                message = ("send exactly one Authorization header" if len(given) > 1 else
+                           "missing or invalid API key: send 'Authorization: Bearer <key>'")
+                error = OpenAIError(401, message, type="authentication_error", code="invalid_api_key")
+                await error_response(error, {"WWW-Authenticate": "Bearer"})(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+class RequestGuardMiddleware:
+    """ASGI middleware: reads a POST body up to ``max_body_bytes`` (413 past it, without
+    reading the rest), runs :func:`check_request` on it, and hands the checked body on."""
+
+    def __init__(self, app, models: list[str], limits: RequestLimits):
+        self.app, self.models, self.limits = app, models, limits
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        try:
+            body = await self.read_body(scope, receive)
+            check_request(scope["path"], parse_body(body), self.models, self.limits)
+        except OpenAIError as error:
+            await error_response(error)(scope, receive, send)
+            return
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()  # after the body: wait for the client's disconnect
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def read_body(self, scope, receive) -> bytes:
+        limit = self.limits.max_body_bytes
+        too_large = OpenAIError(413, f"the body is larger than {limit} bytes (max_body_bytes in the serving "
+                                     "config)", code="request_too_large")
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise too_large
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise OpenAIError(400, "the client disconnected before sending the body")
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+
+async def http_exception_as_openai_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """FastAPI's own errors (404 for an unmounted path, 405, ours) in OpenAI's shape, not ``{"detail": ...}``."""
+    return error_response(OpenAIError(exc.status_code, str(exc.detail)), getattr(exc, "headers", None))
 
 
 class FocusRequest(BaseModel):
@@ -103,7 +179,10 @@ class FocusRequest(BaseModel):
 
 @serve.deployment(max_ongoing_requests=4)
 class FocusDeployment:
-    """Holds a transformers copy of the student (and the teacher, if any) for /v1/focus."""
+    """Holds a transformers copy of the student (and the teacher, if any) for /v1/focus.
+
+    Its queue is bounded per caller (``max_queued_requests``, set in :func:`build_app`): past
+    the bound, /v1/focus answers 503 with Retry-After instead of queueing without end."""
 
     def __init__(self, config: ServingConfig):
         dtype = "float32" if config.dtype == "auto" else config.dtype
@@ -126,11 +205,16 @@ class LeafIngress(OpenAiIngress):
     async def health(self) -> JSONResponse:
         for model_id, handle in self._default_serve_handles.items():
             try:
-                await handle.check_health.remote()
-            except Exception as exc:  # any failure of the engine's own check means "not ready"
-                raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE,
-                                    f"engine for {model_id!r} is unhealthy: {exc}") from None
+                await asyncio.wait_for(self._ping(handle), HEALTH_TIMEOUT_S)
+            except Exception:  # any failure or timeout of the engine's own check means "not ready"
+                # The reason goes to the log only: engine errors can carry addresses and pids.
+                logger.exception("health check of %r failed", model_id)
+                return error_response(OpenAIError(503, "the engine is not ready", type="service_unavailable"))
         return JSONResponse({"status": "ok", "models": list(self._model_cards)})
+
+    @staticmethod
+    async def _ping(handle: DeploymentHandle) -> None:
+        await handle.check_health.remote()
 
     async def focus(self, body: FocusRequest) -> JSONResponse:
         model_id = await self._get_model_id(body.model)  # 404 for an unknown model, as generation does
@@ -138,6 +222,9 @@ class LeafIngress(OpenAiIngress):
             raise HTTPException(status.HTTP_404_NOT_FOUND, "/v1/focus is off (focus: false in the serving config)")
         try:
             result = await self._focus.explain.remote(body.prompt, body.response)
+        except BackPressureError:
+            return error_response(OpenAIError(503, "/v1/focus is busy: retry later", type="service_unavailable"),
+                                  {"Retry-After": str(FOCUS_RETRY_AFTER_S)})
         except FocusError as exc:
             # The handle re-raises the replica's error inside a RayTaskError (which also subclasses
             # FocusError); its `cause` is the original, whose message is meant for the caller.
@@ -145,8 +232,10 @@ class LeafIngress(OpenAiIngress):
         return JSONResponse({"model": model_id, **result})
 
 
+# Only what a chat model serves: Ray's defaults also mount embeddings, score, transcriptions
+# and (de)tokenize, which would answer 500s for this model.
 LEAF_ENDPOINTS = {
-    **DEFAULT_ENDPOINTS,
+    **{name: DEFAULT_ENDPOINTS[name] for name in ("models", "model_data", "completions", "chat")},
     "health": lambda app: app.get("/health"),
     "focus": lambda app: app.post("/v1/focus"),
 }
@@ -179,12 +268,16 @@ def build_app(args: dict) -> Application:
 
     focus = None
     if config.focus:
-        focus = FocusDeployment.options(ray_actor_options={
+        focus = FocusDeployment.options(max_queued_requests=config.focus_max_queued_requests, ray_actor_options={
             "num_cpus": config.focus_resources.num_cpus, "num_gpus": config.focus_resources.num_gpus,
         }).bind(config)
 
-    app = init()  # Ray's FastAPI app with its OpenAI error handling
-    app.add_middleware(BearerTokenMiddleware, source=api_key)  # added last, so it runs first
+    app: FastAPI = init()  # Ray's FastAPI app with its OpenAI error handling
+    app.add_exception_handler(StarletteHTTPException, http_exception_as_openai_error)
+    # Middleware added last runs first: the key check, then the guard, then Ray's stack.
+    app.add_middleware(RequestGuardMiddleware, models=[config.model_id], limits=RequestLimits(
+        max_body_bytes=config.max_body_bytes, max_n=config.max_n, max_stop=config.max_stop))
+    app.add_middleware(BearerTokenMiddleware, source=api_key)
     ingress_cls = make_fastapi_ingress(LeafIngress, endpoint_map=LEAF_ENDPOINTS, app=app)
     return serve.deployment(ingress_cls, **LeafIngress.get_deployment_options([llm_config])).bind(
         llm_deployments={config.model_id: build_llm_deployment(llm_config)},

@@ -61,6 +61,9 @@ class FocusScorer:
         self.max_length = max_length
         self.max_new_tokens = max_new_tokens
         self.unit_pattern = unit_pattern
+        # No token spans more characters than the longest vocabulary entry, so a prompt longer
+        # than max_length of those cannot fit: it is refused before anything tokenizes it.
+        self.max_prompt_chars = max_length * max(len(token) for token in student_tokenizer.get_vocab())
 
     @classmethod
     def from_paths(cls, student: str, teacher: str | None = None, *, dtype: str = "float32",
@@ -94,6 +97,8 @@ class FocusScorer:
         """
         if not prompt.strip():
             raise FocusError("prompt is empty")
+        if len(prompt) > self.max_prompt_chars:
+            raise FocusError(f"the prompt has {len(prompt)} characters, more than {self.max_length} tokens can hold")
         prompt_tokens = len(prompt_token_ids(self.student_tokenizer, prompt))
         if prompt_tokens > self.max_length:  # before generating an answer to it
             raise FocusError(f"the prompt takes {prompt_tokens} tokens, more than the {self.max_length} allowed")
