@@ -7,6 +7,7 @@ teacher and trains the student.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import torch
@@ -44,3 +45,24 @@ def load_model(path: str | Path, dtype: str = "float32", device: str = "auto", d
     if not device_map:
         model.to(resolve_device(device))
     return model.eval(), tokenizer
+
+
+def model_fingerprint(path: str | Path, sample_bytes: int = 1 << 20) -> str:
+    """Identifies a local model by content, not by path (a Ray job's working directory moves):
+    its config, and the size, first and last MiB of each weight file (a retrained model of the
+    same shape differs there too; hashing every byte of a large model would take minutes).
+    A hub id is its own fingerprint."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return str(path)
+    digest = hashlib.sha256()
+    for file in sorted(folder.iterdir()):
+        if file.name == "config.json":
+            digest.update(file.read_bytes())
+        elif file.suffix in (".safetensors", ".bin", ".pt"):
+            size = file.stat().st_size
+            with file.open("rb") as handle:
+                head = handle.read(sample_bytes)
+                handle.seek(max(size - sample_bytes, 0))
+                digest.update(f"{file.name}:{size}".encode() + head + handle.read(sample_bytes))
+    return digest.hexdigest()[:16]

@@ -12,7 +12,7 @@ import torch
 
 from leaf_ray.config import DistillationConfig, PipelineConfig, ResourcesConfig, ScoringConfig
 from leaf_ray.data import write_jsonl
-from leaf_ray.detection.store import read_training_set
+from leaf_ray.detection.store import read_training_set, write_training_set
 from leaf_ray.distillation.loop import split_validation
 from leaf_ray.distributed.distill import FAIL_AT_STEP_ENV, DistillationRun, run_distillation
 from leaf_ray.distributed.scoring import run_scoring
@@ -82,15 +82,33 @@ def test_two_workers_lower_the_loss_and_export_a_loadable_model(scored, referenc
     assert any(not torch.equal(p, trained[name]) for name, p in student.named_parameters())
 
 
-def test_rerunning_a_failed_run_resumes_instead_of_starting_over(scored, reference, monkeypatch):
+def test_rerunning_a_failed_run_resumes_instead_of_starting_over(scored, reference, monkeypatch, tmp_path):
     run = with_output(scored, "rerun", max_failures=0)
     monkeypatch.setenv(FAIL_AT_STEP_ENV, "20")
     with pytest.raises(Exception):
         run_distillation(run)
-    assert not (Path(run.output_dir) / "export.json").exists()
+    output = Path(run.output_dir)
+    assert not (output / "export.json").exists()
     monkeypatch.delenv(FAIL_AT_STEP_ENV)
+
+    # Resuming those checkpoints with another worker count or other pairs is refused at once.
+    with pytest.raises(ValueError, match=r"num_workers changed \(2 -> 1\)"):
+        run_distillation(DistillationRun(run.config.model_copy(update={"num_workers": 1}), run.teacher, run.student,
+                                         run.data_dir, run.output_dir, run.name))
+    changed = tmp_path / "changed"
+    pairs = read_training_set(Path(run.data_dir))
+    write_training_set(changed, pairs[1:], {"pairs": len(pairs) - 1})
+    with pytest.raises(ValueError, match="data changed"):
+        run_distillation(DistillationRun(run.config, run.teacher, run.student, str(changed), run.output_dir, run.name))
+
     result = run_distillation(run)
-    assert result["metrics"]["step"] == scored.config.max_steps
+    # The crash came at step 20, before its metrics line; the rerun restarted from the step-16
+    # checkpoint, not from step 1, and from there it is the unbroken run, step by step.
+    steps = [json.loads(line)["step"] for line in (output / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 20)) + list(range(17, 25)), steps
+    for theirs, ours in zip(reference["history"], result["history"]):
+        assert ours["step"] == theirs["step"]
+        assert ours["loss"] == pytest.approx(theirs["loss"], rel=1e-3), ours["step"]
     assert result["metrics"]["val_loss"] == pytest.approx(reference["metrics"]["val_loss"], rel=1e-3)
     assert run_distillation(run) == result  # finished: the export is kept as it is
 

@@ -13,6 +13,7 @@ newest checkpoint.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -33,7 +34,7 @@ from leaf_ray.data import Record, TrainingPair
 from leaf_ray.detection.store import read_training_set
 from leaf_ray.distillation.loop import split_validation, train
 from leaf_ray.distillation.variants import variant_config
-from leaf_ray.files import write_text_atomically
+from leaf_ray.files import claim_folder, folder_lock, write_text_atomically
 
 # Fault injection for recovery tests: set in the driver's environment, the rank-0 worker
 # dies once, at this step.
@@ -189,6 +190,18 @@ def read_history(log: Path) -> list[dict[str, Any]]:
     return [by_step[step] for step in sorted(by_step)]
 
 
+def run_fingerprint(config: DistillationConfig, train_pairs: list[TrainingPair],
+                    validation: list[TrainingPair]) -> dict[str, Any]:
+    """What a checkpoint is only valid for: the pairs, the worker count and every other setting
+    (but ``max_failures`` and ``resources``, which do not change what is trained)."""
+    data = hashlib.sha256()
+    for pair in train_pairs + validation:
+        data.update(json.dumps(pair_to_row(pair), sort_keys=True).encode())
+    settings = json.dumps(config.model_dump(exclude={"max_failures", "num_workers", "resources"}), sort_keys=True, default=str)
+    return {"data": data.hexdigest()[:16], "num_workers": config.num_workers,
+            "settings": hashlib.sha256(settings.encode()).hexdigest()[:16]}
+
+
 def run_distillation(run: DistillationRun) -> dict[str, Any]:
     """Train (or resume) on Ray and export ``output_dir/model``; returns the final metrics.
 
@@ -201,38 +214,40 @@ def run_distillation(run: DistillationRun) -> dict[str, Any]:
     done = output / "export.json"
     if done.exists():
         return json.loads(done.read_text())
-    started = time.perf_counter()
-    check_vocabularies(run)
-    train_pairs, validation = split_validation(read_training_set(Path(run.data_dir)), config.validation_fraction,
-                                               config.validation_max_records)
-    if not train_pairs:
-        raise ValueError(f"no training pairs in {run.data_dir}")
-    datasets = {split: ray.data.from_items([pair_to_row(p) for p in rows])
-                for split, rows in (("train", train_pairs), ("validation", validation)) if rows}
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"distillation": config.model_dump(), "teacher": run.teacher, "student": run.student,
-                           "output_dir": str(output), "checkpoints": str(output / "ray_train" / run.name),
-                           "datasets": list(datasets),
-                           "fail_at_step": int(os.environ.get(FAIL_AT_STEP_ENV, "0"))},
-        scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
-                                     resources_per_worker={"CPU": config.resources.num_cpus,
-                                                           **({"GPU": config.resources.num_gpus}
-                                                              if config.use_gpu else {})}),
-        run_config=RunConfig(name=run.name, storage_path=str(output / "ray_train"),
-                             failure_config=FailureConfig(max_failures=config.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
-        datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split=[]),
-    )
-    result = trainer.fit()
-    if result.checkpoint is None:
-        raise RuntimeError(f"training run {run.name!r} produced no checkpoint; see {output / 'ray_train'}")
-    with result.checkpoint.as_directory() as folder:
-        shutil.copytree(Path(folder) / "model", output / "model", dirs_exist_ok=True)
-    final = {"name": run.name, "variant": config.variant, "lam": config.lam, "batch_size": config.batch_size,
-             "train_pairs": len(train_pairs), "validation_pairs": len(validation),
-             "metrics": result.metrics, "history": read_history(output / "metrics.jsonl"),
-             "wall_s": round(time.perf_counter() - started, 2), "checkpoint": result.checkpoint.path}
-    write_text_atomically(done, json.dumps(final, indent=2, default=str) + "\n")
-    return final
+    with folder_lock(output):  # a second run on this folder refuses instead of mixing checkpoints
+        started = time.perf_counter()
+        check_vocabularies(run)
+        train_pairs, validation = split_validation(read_training_set(Path(run.data_dir)), config.validation_fraction,
+                                                   config.validation_max_records)
+        if not train_pairs:
+            raise ValueError(f"no training pairs in {run.data_dir}")
+        claim_folder(output, run_fingerprint(config, train_pairs, validation))
+        datasets = {split: ray.data.from_items([pair_to_row(p) for p in rows])
+                    for split, rows in (("train", train_pairs), ("validation", validation)) if rows}
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={"distillation": config.model_dump(), "teacher": run.teacher, "student": run.student,
+                               "output_dir": str(output), "checkpoints": str(output / "ray_train" / run.name),
+                               "datasets": list(datasets),
+                               "fail_at_step": int(os.environ.get(FAIL_AT_STEP_ENV, "0"))},
+            scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
+                                         resources_per_worker={"CPU": config.resources.num_cpus,
+                                                               **({"GPU": config.resources.num_gpus}
+                                                                  if config.use_gpu else {})}),
+            run_config=RunConfig(name=run.name, storage_path=str(output / "ray_train"),
+                                 failure_config=FailureConfig(max_failures=config.max_failures),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=2)),
+            datasets=datasets,
+            dataset_config=DataConfig(datasets_to_split=[]),
+        )
+        result = trainer.fit()
+        if result.checkpoint is None:
+            raise RuntimeError(f"training run {run.name!r} produced no checkpoint; see {output / 'ray_train'}")
+        with result.checkpoint.as_directory() as folder:
+            shutil.copytree(Path(folder) / "model", output / "model", dirs_exist_ok=True)
+        final = {"name": run.name, "variant": config.variant, "lam": config.lam, "batch_size": config.batch_size,
+                 "train_pairs": len(train_pairs), "validation_pairs": len(validation),
+                 "metrics": result.metrics, "history": read_history(output / "metrics.jsonl"),
+                 "wall_s": round(time.perf_counter() - started, 2), "checkpoint": result.checkpoint.path}
+        write_text_atomically(done, json.dumps(final, indent=2, default=str) + "\n")
+        return final

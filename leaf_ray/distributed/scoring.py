@@ -20,6 +20,8 @@ from leaf_ray.config import ColumnMapping, PipelineConfig
 from leaf_ray.corpus import canonical_row, check_corpus
 from leaf_ray.data import RecordError, decode_rows, parse_record
 from leaf_ray.detection.store import done_keys, totals, write_summary
+from leaf_ray.files import claim_folder, folder_lock
+from leaf_ray.models import model_fingerprint
 
 
 def explode_file(row: dict[str, Any], columns: dict[str, Any]) -> list[dict[str, Any]]:
@@ -83,6 +85,21 @@ def _load_failure(config: PipelineConfig, exc: BaseException) -> str:
             f"actor reserved {config.scoring.resources.num_cpus} CPUs, {config.scoring.resources.num_gpus} GPUs")
 
 
+def scoring_fingerprint(config: PipelineConfig) -> dict[str, Any]:
+    """What a score/ folder's rows depend on: the models, the settings that change a score or a
+    mask, the pruning rule and the code version. Not the corpus (new records are scored on a
+    rerun), batch sizes or resources."""
+    import leaf_ray
+
+    settings = config.scoring.model_dump(include={"level", "max_length", "dtype", "bf16_autocast", "units",
+                                                   "unit_pattern", "response_split", "num_segments",
+                                                   "prefix_fraction", "columns"})
+    return {"teacher": model_fingerprint(config.teacher), "student": model_fingerprint(config.student),
+            "scoring": json.dumps(settings, sort_keys=True), "pruning": json.dumps(config.pruning.model_dump(),
+                                                                                   sort_keys=True),
+            "leaf_ray": leaf_ray.__version__}
+
+
 def run_scoring(config: PipelineConfig, response_pass: bool = False) -> dict[str, Any]:
     """Score every record not yet done; return (and write) the summary over all runs.
 
@@ -96,22 +113,24 @@ def run_scoring(config: PipelineConfig, response_pass: bool = False) -> dict[str
         output = config.layout.score_response
     scoring = config.scoring
     output.mkdir(parents=True, exist_ok=True)
-    finished = done_keys(output)
-    before = totals(output)
+    with folder_lock(output):  # a second run on this folder refuses instead of deleting our parts
+        claim_folder(output, scoring_fingerprint(config))
+        finished = done_keys(output)
+        before = totals(output)
 
-    files = [str(path.resolve()) for path in check_corpus(scoring)]
-    # Reading and splitting are light: a fraction of a CPU each, so that they still run when the
-    # scoring actors reserve every CPU of the node.
-    rows = ray.data.read_binary_files(files, include_paths=True, num_cpus=0.25).flat_map(
-        explode_file, fn_kwargs={"columns": scoring.columns.model_dump(exclude_unset=True)}, num_cpus=0.25)
-    pending = rows.filter(lambda row: row["key"] not in finished)
-    results = pending.map_batches(
-        ScoreActor,
-        fn_constructor_kwargs={"config": config, "output": str(output)},
-        batch_size=scoring.batch_size,
-        compute=ray.data.ActorPoolStrategy(size=scoring.num_actors),
-        num_cpus=scoring.resources.num_cpus,
-        num_gpus=scoring.resources.num_gpus,
-    )
-    processed = sum(int(row["batch"]) for row in results.iter_rows())
-    return write_summary(output, before, time.perf_counter() - started, processed, len(finished))
+        files = [str(path.resolve()) for path in check_corpus(scoring)]
+        # Reading and splitting are light: a fraction of a CPU each, so that they still run when the
+        # scoring actors reserve every CPU of the node.
+        rows = ray.data.read_binary_files(files, include_paths=True, num_cpus=0.25).flat_map(
+            explode_file, fn_kwargs={"columns": scoring.columns.model_dump(exclude_unset=True)}, num_cpus=0.25)
+        pending = rows.filter(lambda row: row["key"] not in finished)
+        results = pending.map_batches(
+            ScoreActor,
+            fn_constructor_kwargs={"config": config, "output": str(output)},
+            batch_size=scoring.batch_size,
+            compute=ray.data.ActorPoolStrategy(size=scoring.num_actors),
+            num_cpus=scoring.resources.num_cpus,
+            num_gpus=scoring.resources.num_gpus,
+        )
+        processed = sum(int(row["batch"]) for row in results.iter_rows())
+        return write_summary(output, before, time.perf_counter() - started, processed, len(finished))
