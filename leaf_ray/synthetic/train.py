@@ -45,8 +45,8 @@ def train_response_lm(model: LlamaForCausalLM, datasets: Sequence[dict[str, torc
     Batches come from each of ``datasets`` in turn (one per task family), so short prompts
     are not padded to the width of long ones.
 
-    Float32 throughout, so a build is bitwise the same on any CPU (and on CPUs without
-    native bf16, autocast would be about 3x slower).
+    Float32 throughout: on CPUs without native bf16, autocast is about 3x slower, and the
+    models are too small to need it.
     """
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
