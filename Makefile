@@ -49,8 +49,8 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_distill.py
 	$(PY) benchmarks/bench_serve.py
 
-# The embedded benchmark's distillation variants and controls, 3 seeds: simple and hard (about
-# 45 minutes on 2 cores), then the reasoning family with leaf_instr_resp (about 50 minutes).
+# The embedded benchmark's distillation variants and controls, 3 seeds: simple and hard, then
+# the reasoning family with leaf_instr_resp (14 minutes on 2 cores).
 reproduce: $(STAMP)
 	$(VENV)/bin/leaf-ray bench reproduce
 	$(VENV)/bin/leaf-ray bench reproduce --embedded assets/embedded-reasoning --families reasoning \

@@ -200,6 +200,8 @@ class ServingConfig(StageConfig):
     target_ongoing_requests: int = Field(16, ge=1, description="Autoscaling target per engine replica.")
     gpu_memory_utilization: float = Field(0.2, gt=0, le=1,
         description="vLLM's memory share for the KV cache (0.2 on the CPU build).")
+    enforce_eager: bool = Field(False, description="vLLM without torch.compile or graph capture: a faster cold "
+                                                   "start, slower steps.")
     resources: ResourcesConfig = Field(
         ResourcesConfig(), description="Per engine replica; num_gpus > 0 runs CUDA vLLM, 0 the CPU build.")
     api_key_env: str | None = Field(None, description="Env var holding the bearer token; unset means no auth.")

@@ -250,7 +250,8 @@ def llm_config_for(config: ServingConfig) -> LLMConfig:
         accelerator_config={"kind": "gpu" if on_gpu else "cpu"},
         placement_group_config={"bundle_per_worker": bundle},
         engine_kwargs={"max_model_len": config.max_model_len, "dtype": config.dtype,
-                       "gpu_memory_utilization": config.gpu_memory_utilization},
+                       "gpu_memory_utilization": config.gpu_memory_utilization,
+                       "enforce_eager": config.enforce_eager},
         deployment_config={"autoscaling_config": {
             "min_replicas": config.min_replicas, "max_replicas": config.max_replicas,
             "target_ongoing_requests": config.target_ongoing_requests}},
