@@ -167,8 +167,9 @@ def test_family_through_the_pipeline_and_the_served_api(built, cluster, tmp_path
         distillation=DistillationConfig(max_steps=4, batch_size=4, checkpoint_every=4, eval_every=4,
                                         bf16_autocast=False, validation_fraction=0.2, resources=one_cpu),
         evaluation=EvaluationConfig(data=[str(tmp_path / "test_answers.jsonl")], attention=False, samples=2),
+        # enforce_eager: no kernel compilation at each family's cold start (answers, not speed, are tested)
         serving=ServingConfig(max_model_len=256, dtype="float32", teacher=str(teacher_dir), resources=one_cpu,
-                              focus_resources=one_cpu))
+                              focus_resources=one_cpu, enforce_eager=True))
     try:
         report = run_pipeline(config)
 

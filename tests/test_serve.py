@@ -53,7 +53,8 @@ def server():
         serve.run(build_app({"model": str(EMBEDDED / "student"), "model_id": MODEL_ID, "dtype": "float32",
                              "max_model_len": MAX_MODEL_LEN, "api_key_env": KEY_ENV,
                              "teacher": str(EMBEDDED / "teacher"),
-                             "focus_max_queued_requests": FOCUS_QUEUE}))
+                             "focus_max_queued_requests": FOCUS_QUEUE,
+                             "enforce_eager": True}))  # no kernel compilation at start: answers are tested
         yield URL
     finally:
         serve.shutdown()
