@@ -190,13 +190,14 @@ def read_history(log: Path) -> list[dict[str, Any]]:
     return [by_step[step] for step in sorted(by_step)]
 
 
-def run_fingerprint(config: DistillationConfig, train_pairs: list[TrainingPair],
-                    validation: list[TrainingPair]) -> dict[str, Any]:
-    """What a checkpoint is only valid for: the pairs, the worker count and every other setting
-    (but ``max_failures`` and ``resources``, which do not change what is trained)."""
+def run_fingerprint(config: DistillationConfig, rows: dict[str, list[dict[str, str]]]) -> dict[str, Any]:
+    """What a checkpoint is only valid for: the pairs (``rows`` by split, as the workers get them),
+    the worker count and every other setting (but ``max_failures`` and ``resources``, which do not
+    change what is trained)."""
     data = hashlib.sha256()
-    for pair in train_pairs + validation:
-        data.update(json.dumps(pair_to_row(pair), sort_keys=True).encode())
+    for split in sorted(rows):
+        for row in rows[split]:
+            data.update(json.dumps(row, sort_keys=True).encode())
     settings = json.dumps(config.model_dump(exclude={"max_failures", "num_workers", "resources"}), sort_keys=True, default=str)
     return {"data": data.hexdigest()[:16], "num_workers": config.num_workers,
             "settings": hashlib.sha256(settings.encode()).hexdigest()[:16]}
@@ -221,9 +222,10 @@ def run_distillation(run: DistillationRun) -> dict[str, Any]:
                                                    config.validation_max_records)
         if not train_pairs:
             raise ValueError(f"no training pairs in {run.data_dir}")
-        claim_folder(output, run_fingerprint(config, train_pairs, validation))
-        datasets = {split: ray.data.from_items([pair_to_row(p) for p in rows])
-                    for split, rows in (("train", train_pairs), ("validation", validation)) if rows}
+        rows = {split: [pair_to_row(p) for p in pairs]
+                for split, pairs in (("train", train_pairs), ("validation", validation)) if pairs}
+        claim_folder(output, run_fingerprint(config, rows))
+        datasets = {split: ray.data.from_items(split_rows) for split, split_rows in rows.items()}
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={"distillation": config.model_dump(), "teacher": run.teacher, "student": run.student,
