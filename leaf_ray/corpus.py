@@ -17,6 +17,9 @@ an id gets one from a hash of its content, the same on every rerun.
 
 from __future__ import annotations
 
+import base64
+import datetime
+import decimal
 import hashlib
 import json
 import os
@@ -145,11 +148,36 @@ def from_messages(messages: Any) -> tuple[Any, Any]:
     raise RecordError("messages has no user turn followed by an assistant turn")
 
 
+def json_native(value: Any, column: str) -> Any:
+    """``value`` as JSON can hold it, so that every stage can write it: Parquet and Arrow
+    columns bring dates, times, decimals and bytes. Dates and times become ISO 8601 text, a
+    duration its seconds, a decimal its exact text, bytes their UTF-8 text (else base64)."""
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return value
+    if isinstance(value, dict):
+        return {str(key): json_native(item, column) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_native(item, column) for item in value]
+    if isinstance(value, (datetime.date, datetime.time)):  # datetime (and pandas' Timestamp) included
+        return value.isoformat()
+    if isinstance(value, datetime.timedelta):
+        return value.total_seconds()
+    if isinstance(value, decimal.Decimal):
+        return str(value)
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            return base64.b64encode(value).decode("ascii")
+    raise RecordError(f"column {column!r}: a {type(value).__name__} value has no JSON form")
+
+
 def canonical_row(obj: Any, columns: ColumnMapping) -> dict[str, Any]:
     """A corpus row in the record schema (id, instruction, response, answer, meta), ready for
     :func:`leaf_ray.data.parse_record`; raises RecordError for a row that cannot map."""
     if not isinstance(obj, dict):
         raise RecordError(f"record must be a JSON object, got {type(obj).__name__}")
+    obj = {key: json_native(value, key) for key, value in obj.items()}
     if columns.messages:
         instruction, response = from_messages(obj.get(columns.messages))
     else:

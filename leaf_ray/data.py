@@ -173,17 +173,50 @@ def decode_rows(content: bytes, suffix: str, source: str) -> Iterator[tuple[int,
             yield 0, RecordError("a .json corpus must hold a JSON array of records", source=source)
             return
         yield from enumerate(rows, start=1)
-    elif suffix == ".parquet":
-        for row_no, row in enumerate(pq.read_table(pa.BufferReader(content)).to_pylist(), start=1):
-            yield row_no, row
-    elif suffix == ".arrow":  # an Arrow IPC stream, as datasets' save_to_disk writes: batch by batch
+    elif suffix in (".parquet", ".arrow"):
+        try:  # an Arrow IPC stream is what datasets' save_to_disk writes
+            batches = (pq.read_table(pa.BufferReader(content)).to_batches() if suffix == ".parquet"
+                       else list(pa.ipc.open_stream(pa.BufferReader(content))))
+        except (pa.ArrowException, OSError) as exc:
+            yield 0, RecordError(f"file is not a readable {suffix[1:]} file: {exc}", source=source)
+            return
         row_no = 0
-        for batch in pa.ipc.open_stream(pa.BufferReader(content)):
-            for row in batch.to_pylist():
+        for batch in batches:
+            for row in arrow_rows(batch, source, row_no):
                 row_no += 1
                 yield row_no, row
     else:
         raise ValueError(f"unsupported corpus format {suffix!r} for {source}; use {SUPPORTED_SUFFIXES}")
+
+
+def arrow_rows(batch: pa.RecordBatch, source: str, first_row: int) -> Iterator[Any]:
+    """The rows of one Arrow batch as Python dicts. A value Python cannot hold (a date past
+    year 9999, say) fails the whole batch's conversion, so that batch is converted row by row
+    and only the bad row becomes a RecordError, naming its column."""
+    try:
+        rows = batch.to_pylist()
+    except (pa.ArrowException, OverflowError, ValueError):
+        rows = None
+    if rows is not None:
+        yield from rows
+        return
+    for index in range(batch.num_rows):
+        row = batch.slice(index, 1)
+        try:
+            value = row.to_pylist()[0]
+        except (pa.ArrowException, OverflowError, ValueError) as exc:
+            bad = [name for name, column in zip(row.schema.names, row.columns) if not _converts(column)]
+            value = RecordError(f"column {', '.join(map(repr, bad))} cannot be read: {exc}",
+                                line=first_row + index + 1, source=source)
+        yield value
+
+
+def _converts(column: pa.Array) -> bool:
+    try:
+        column.to_pylist()
+        return True
+    except (pa.ArrowException, OverflowError, ValueError):
+        return False
 
 
 def iter_records(path: str | Path, errors: list[RecordError] | None = None, columns=None) -> Iterator[Record]:
@@ -197,7 +230,7 @@ def iter_records(path: str | Path, errors: list[RecordError] | None = None, colu
     from leaf_ray.corpus import canonical_row
 
     columns = columns or ColumnMapping()
-    seen: set[str] = set()
+    seen: dict[str, str] = {}  # id -> where it first appears
     for path_ in corpus_files(path):
         for line_no, obj in decode_rows(path_.read_bytes(), path_.suffix, str(path_)):
             try:
@@ -209,8 +242,9 @@ def iter_records(path: str | Path, errors: list[RecordError] | None = None, colu
                     raise RecordError(exc.reason, line=line_no, source=str(path_)) from None
                 record = parse_record(row, line=line_no, source=str(path_))
                 if record.id in seen:
-                    raise RecordError("duplicate id", record_id=record.id, line=line_no, source=str(path_))
-                seen.add(record.id)
+                    raise RecordError(f"duplicate id {record.id!r}, first at {seen[record.id]}", record_id=record.id,
+                                      line=line_no, source=str(path_))
+                seen[record.id] = f"{path_}:{line_no}"
             except RecordError as exc:
                 if errors is None:
                     raise

@@ -39,7 +39,7 @@ def test_jsonl_collects_bad_rows_with_line_and_id(tmp_path):
     assert reasons[(3, "r2")] == "missing field 'response'"
     assert reasons[(4, "r3")] == "field 'instruction' is empty"
     assert "not valid UTF-8" in reasons[(5, None)]
-    assert reasons[(6, "r1")] == "duplicate id"
+    assert reasons[(6, "r1")] == f"duplicate id 'r1', first at {corpus}:1"
     with pytest.raises(RecordError, match=r"malformed JSON.*line 2"):
         list(iter_records(corpus))
 
@@ -86,3 +86,33 @@ def test_template_that_rewrites_content_is_rejected(byte_tokenizer):
     tokenizer.chat_template = "{% for m in messages %}{{ m['content'] | upper }}{% endfor %}"
     with pytest.raises(ValueError, match="cannot locate"):
         render_sample(tokenizer, "ann has 3", "3")
+
+
+def test_parquet_columns_json_cannot_hold_are_converted_and_an_unreadable_value_is_one_rows_error(tmp_path):
+    """Real Parquet corpora carry timestamps, dates, decimals and bytes. They reach every stage as
+    JSON (the store writes JSONL), and one value Python cannot hold costs its row, not the file."""
+    import decimal
+
+    rows = [good(1), good(2), good(3)]
+    table = pa.Table.from_pylist(rows).append_column(
+        "crawled", pa.array([1, 2, 3], pa.timestamp("ns"))).append_column(
+        "published", pa.array([0, 2**31 - 1, 1], pa.date32())).append_column(  # row 2: past year 9999
+        "price", pa.array([decimal.Decimal("1.50")] * 3, pa.decimal128(5, 2))).append_column(
+        "blob", pa.array([b"\xff\x00", "caf\u00e9".encode(), b""])).append_column(
+        "took", pa.array([90, 1, 2], pa.duration("s")))
+    pq.write_table(table, tmp_path / "a.parquet")
+    (tmp_path / "b.parquet").write_bytes(b"PAR1 this is not parquet")
+    pq.write_table(pa.Table.from_pylist([good(4)]), tmp_path / "c.parquet")
+
+    errors: list[RecordError] = []
+    records = list(iter_records(tmp_path, errors))
+    assert [r.id for r in records] == ["r1", "r3", "r4"]
+    assert records[0].meta == {"crawled": "1970-01-01T00:00:00.000000001", "published": "1970-01-01",
+                               "price": "1.50", "blob": "/wA=", "took": 90.0}
+    assert records[1].meta["blob"] == "" and records[1].meta["published"] == "1970-01-02"
+    json.dumps([r.to_dict() for r in records])  # every stage writes them
+    assert all(isinstance(r.meta["price"], str) for r in records[:2])
+    unreadable, broken = errors
+    assert (unreadable.line, unreadable.source) == (2, str(tmp_path / "a.parquet"))
+    assert unreadable.reason.startswith("column 'published' cannot be read")
+    assert broken.source == str(tmp_path / "b.parquet") and "not a readable parquet file" in broken.reason
