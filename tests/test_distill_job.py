@@ -146,3 +146,21 @@ def test_fsdp_matches_ddp_and_resumes_its_sharded_state_after_a_crash(scored, re
     assert exported.keys() == expected.keys()
     for name, tensor in expected.items():
         assert torch.allclose(exported[name], tensor, atol=2e-3), name
+
+
+def test_a_request_the_cluster_can_never_hold_fails_at_once_naming_the_field(scored, tmp_path):
+    """On this 4-CPU cluster Ray would queue these forever: 3 workers of 2 CPUs; a scoring actor
+    with all 4 CPUs, which leaves none for the tasks that read the corpus. Each fails before any
+    Ray work, naming the fields to change and the cluster's nodes."""
+    too_many = with_output(scored, "too-many", num_workers=3, resources=ResourcesConfig(num_cpus=2))
+    with pytest.raises(ValueError, match=r"^distillation.resources / distillation.num_workers: 3 x \{CPU: 2\} "
+                                         r"can never be scheduled .*nodes: 1 x \{CPU: 4\}"):
+        run_distillation(too_many)
+    assert not (Path(too_many.output_dir) / "ray_train").exists()
+
+    pipeline = PipelineConfig(run_dir=str(tmp_path), teacher=scored.teacher, student=scored.student,
+                              scoring=ScoringConfig(corpus=str(EMBEDDED / "data" / "simple" / "distill.jsonl"),
+                                                    resources=ResourcesConfig(num_cpus=4)))
+    with pytest.raises(ValueError, match=r"^scoring.resources / scoring.num_actors: 1 x \{CPU: 4\} plus \{CPU: 0.25\}"):
+        run_scoring(pipeline)
+    assert not list((pipeline.layout.score / "_done").glob("*"))

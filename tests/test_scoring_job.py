@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import decimal
 import json
 import os
 import signal
@@ -31,16 +32,34 @@ BAD_LINES = [
     b'{"id": "latin1", "instruction": "caf\xe9 has 3", "response": "3"}',              # not UTF-8
 ]
 BAD_KEYS = {"no-response", "empty", "too-long"}
+EXTRA = 3  # records with Parquet columns JSON cannot hold (a timestamp, a decimal, bytes)
 
 
 def make_corpus(root: Path, good: int) -> tuple[Path, set[str]]:
-    lines = (EMBEDDED / "data" / "simple" / "distill.jsonl").read_bytes().splitlines()[:good]
+    """a.jsonl: half the good records, the bad lines, then a repeat of its first id; b.parquet: the
+    other half; c.parquet: EXTRA more good records with odd column types, a repeat of an id of
+    b.parquet, and a date no Python date can hold."""
+    lines = (EMBEDDED / "data" / "simple" / "distill.jsonl").read_bytes().splitlines()[:good + EXTRA]
+    records = [json.loads(line) for line in lines]
     corpus = root / "corpus"
     corpus.mkdir()
     half = good // 2
-    (corpus / "a.jsonl").write_bytes(b"\n".join(lines[:half] + BAD_LINES) + b"\n")
-    pq.write_table(pa.Table.from_pylist([json.loads(line) for line in lines[half:]]), corpus / "b.parquet")
-    return corpus, {json.loads(line)["id"] for line in lines}
+    repeat = {**records[0], "instruction": "a repeat of the first id"}
+    (corpus / "a.jsonl").write_bytes(b"\n".join(lines[:half] + BAD_LINES + [json.dumps(repeat).encode()]) + b"\n")
+    pq.write_table(pa.Table.from_pylist(records[half:good]), corpus / "b.parquet")
+    odd = records[good:] + [{**records[half], "instruction": "a repeat of an id of b.parquet"}, records[half + 1]]
+    odd[-1] = {**odd[-1], "id": "bad-date"}
+    table = pa.Table.from_pylist(odd).append_column(
+        "crawled", pa.array([10**18] * len(odd), pa.timestamp("ns"))).append_column(
+        "price", pa.array([decimal.Decimal("2.50")] * len(odd), pa.decimal128(5, 2))).append_column(
+        "blob", pa.array([b"\xff\x00"] * len(odd))).append_column(
+        "published", pa.array([1] * (len(odd) - 1) + [2**31 - 1], pa.date32()))
+    pq.write_table(table, corpus / "c.parquet")
+    return corpus, {r["id"] for r in records}
+
+
+ODD_META = {"crawled": "2001-09-09T01:46:40", "price": "2.50", "blob": "/wA=", "published": "1970-01-02"}
+READ, SCORED, ERRORS = 240 + len(BAD_LINES) + 1 + EXTRA + 2, 240 + EXTRA, len(BAD_LINES) + 3
 
 
 def write_config(root: Path, corpus: Path, output: Path) -> Path:
@@ -86,30 +105,34 @@ def test_every_good_record_scored_every_bad_one_reported(uninterrupted):
     root, corpus, good_ids, output = uninterrupted
     scores, cfs, errors = outputs(output)
     assert set(scores) == good_ids
-    assert BAD_KEYS <= set(errors) and len(errors) == len(BAD_LINES)
+    assert BAD_KEYS <= set(errors) and len(errors) == ERRORS
     by_reason = {key: row["reason"] for key, row in errors.items()}
-    assert "malformed JSON" in by_reason[f"{corpus / 'a.jsonl'}:121"]
-    assert "not valid UTF-8" in by_reason[f"{corpus / 'a.jsonl'}:125"]
+    a, c = corpus / "a.jsonl", corpus / "c.parquet"
+    assert "malformed JSON" in by_reason[f"{a}:121"]
+    assert "not valid UTF-8" in by_reason[f"{a}:125"]
     assert by_reason["no-response"] == "missing field 'response'"
     assert by_reason["empty"] == "field 'instruction' is empty"
     assert "max_length" in by_reason["too-long"]
+    # A repeated id is an error wherever it is, and the first occurrence is the one scored.
+    records = [json.loads(line) for line in (EMBEDDED / "data" / "simple" / "distill.jsonl").read_text().splitlines()]
+    first_id, b_id = records[0]["id"], records[120]["id"]
+    assert by_reason[f"{a}:126"] == f"duplicate id {first_id!r}, first at {a}:1"
+    assert by_reason[f"{c}:4"] == f"duplicate id {b_id!r}, first at {corpus / 'b.parquet'}:1"
+    assert by_reason[f"{c}:5"].startswith("column 'published' cannot be read")
     summary = json.loads((output / "summary.json").read_text())
-    assert summary["read"] == 245 and summary["scored"] == 240 and summary["errors"] == 5
+    assert (summary["read"], summary["scored"], summary["errors"]) == (READ, SCORED, ERRORS)
     assert summary["counterfactuals"] == len(cfs) > 0
 
-    originals = {}
-    corpus_rows = {}
-    for line in (EMBEDDED / "data" / "simple" / "distill.jsonl").read_text().splitlines()[:240]:
-        record = json.loads(line)
-        originals[record["id"]] = record["instruction"]
-        corpus_rows[record["id"]] = record
-    # The store keeps each scored record whole (the Parquet half included): later stages read it, not the corpus.
+    corpus_rows = {record["id"]: record for record in records[:240 + EXTRA]}
+    for record in records[240:240 + EXTRA]:  # odd columns arrive as JSON: ISO dates, exact decimals, base64
+        record["meta"] = {**record["meta"], **ODD_META}
+    # The store keeps each scored record whole (the Parquet parts included): later stages read it, not the corpus.
     assert {r.id: r.to_dict() for r in read_originals(output)} == corpus_rows
     pairs = read_training_set(output)
     assert sum(len(p.counterfactuals) for p in pairs) == len(cfs)
     for cf in cfs:
         (start, end), = cf["char_ranges"]
-        source = originals[cf["source_id"]]
+        source = corpus_rows[cf["source_id"]]["instruction"]
         assert cf["instruction"] == source[:start] + source[end:]
         assert cf["removed_text"] == [source[start:end]]
 
@@ -141,7 +164,7 @@ def test_kill_and_resume_gives_the_same_outputs(uninterrupted):
     assert [(c["id"], c["instruction"]) for c in got[1]] == [(c["id"], c["instruction"]) for c in expected[1]]
     assert set(got[2]) == set(expected[2])
     summary = json.loads((output / "summary.json").read_text())
-    assert summary["scored"] == 240 and summary["errors"] == 5 and summary["this_run"]["skipped_as_done"] > 0
+    assert (summary["scored"], summary["errors"]) == (SCORED, ERRORS) and summary["this_run"]["skipped_as_done"] > 0
 
 
 def test_a_rerun_with_other_models_or_rules_is_refused_not_mixed(uninterrupted):
@@ -160,7 +183,7 @@ def test_a_rerun_with_other_models_or_rules_is_refused_not_mixed(uninterrupted):
     for message, update in changes.items():
         with pytest.raises(ValueError, match=message):
             run_scoring(config.model_copy(update=update))
-    assert json.loads((full / "summary.json").read_text())["scored"] == 240  # untouched
+    assert json.loads((full / "summary.json").read_text())["scored"] == SCORED  # untouched
 
 
 def test_model_that_cannot_load_fails_fast_with_its_name(tmp_path):

@@ -34,6 +34,7 @@ from leaf_ray.data import Record, TrainingPair
 from leaf_ray.detection.store import read_training_set
 from leaf_ray.distillation.loop import split_validation, train
 from leaf_ray.distillation.variants import variant_config
+from leaf_ray.distributed.capacity import check_capacity
 from leaf_ray.files import claim_folder, folder_lock, write_text_atomically
 
 # Fault injection for recovery tests: set in the driver's environment, the rank-0 worker
@@ -225,6 +226,8 @@ def run_distillation(run: DistillationRun) -> dict[str, Any]:
         rows = {split: [pair_to_row(p) for p in pairs]
                 for split, pairs in (("train", train_pairs), ("validation", validation)) if pairs}
         claim_folder(output, run_fingerprint(config, rows))
+        worker = {"CPU": config.resources.num_cpus, **({"GPU": config.resources.num_gpus} if config.use_gpu else {})}
+        check_capacity(worker, config.num_workers, "distillation.resources / distillation.num_workers")
         datasets = {split: ray.data.from_items(split_rows) for split, split_rows in rows.items()}
         trainer = TorchTrainer(
             train_loop_per_worker,
@@ -233,9 +236,7 @@ def run_distillation(run: DistillationRun) -> dict[str, Any]:
                                "datasets": list(datasets),
                                "fail_at_step": int(os.environ.get(FAIL_AT_STEP_ENV, "0"))},
             scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
-                                         resources_per_worker={"CPU": config.resources.num_cpus,
-                                                               **({"GPU": config.resources.num_gpus}
-                                                                  if config.use_gpu else {})}),
+                                         resources_per_worker=worker),
             run_config=RunConfig(name=run.name, storage_path=str(output / "ray_train"),
                                  failure_config=FailureConfig(max_failures=config.max_failures),
                                  checkpoint_config=CheckpointConfig(num_to_keep=2)),

@@ -20,6 +20,7 @@ from leaf_ray.config import ColumnMapping, PipelineConfig
 from leaf_ray.corpus import canonical_row, check_corpus
 from leaf_ray.data import RecordError, decode_rows, parse_record
 from leaf_ray.detection.store import done_keys, totals, write_summary
+from leaf_ray.distributed.capacity import READ_STAGE_CPUS, check_capacity
 from leaf_ray.files import claim_folder, folder_lock
 from leaf_ray.models import model_fingerprint
 
@@ -37,13 +38,47 @@ def explode_file(row: dict[str, Any], columns: dict[str, Any]) -> list[dict[str,
                 raise obj
             obj = canonical_row(obj, mapping)
         except RecordError as exc:
-            out.append({"key": f"{source}:{line}", "source": source, "line": line, "payload": None, "error": exc.reason})
+            out.append(error_at(source, line, exc.reason))
             continue
         has_id = isinstance(obj.get("id"), (str, int)) and str(obj.get("id")).strip()
         key = str(obj["id"]) if has_id else f"{source}:{line}"
-        # default=str: a value JSON cannot hold (a date, bytes) travels as its text
-        out.append({"key": key, "source": source, "line": line, "payload": json.dumps(obj, default=str), "error": None})
+        out.append({"key": key, "source": source, "line": line, "payload": json.dumps(obj), "error": None})
     return out
+
+
+def error_at(source: str, line: int, reason: str) -> dict[str, Any]:
+    """A row that will not be scored, keyed by where it is (its id may be missing, or taken)."""
+    return {"key": f"{source}:{line}", "source": source, "line": line, "payload": None, "error": reason}
+
+
+def later_occurrences(rows: ray.data.Dataset, files: list[str]) -> dict[str, str]:
+    """Every row whose id an earlier row already has, files in corpus order and then rows in
+    file order: its ``file:line`` -> why it is not scored. Ray Data reads blocks in any order
+    and on any node, so this is a pass of its own over the ids, before scoring."""
+    order = {path: index for index, path in enumerate(files)}
+    first: dict[str, tuple[int, int]] = {}
+    later: dict[tuple[int, int], str] = {}
+    for batch in rows.select_columns(["key", "source", "line", "error"]).iter_batches(batch_size=4096):
+        for key, source, line, error in zip(batch["key"], batch["source"], batch["line"], batch["error"]):
+            if error is not None:  # an unreadable row is keyed by where it is: never a duplicate
+                continue
+            here = (order[str(source)], int(line))
+            if key not in first:
+                first[key] = here
+                continue
+            earlier, after = sorted((first[key], here))
+            first[key] = earlier
+            later[after] = key
+    return {f"{files[index]}:{line}": f"duplicate id {key!r}, first at {files[first[key][0]]}:{first[key][1]}"
+            for (index, line), key in later.items()}
+
+
+def pending_rows(row: dict[str, Any], finished: set[str], duplicates: dict[str, str]) -> list[dict[str, Any]]:
+    """A row still to do: none if a finished batch has its key; an error row if it repeats an id."""
+    where = f"{row['source']}:{row['line']}"
+    if where in duplicates:
+        row = error_at(row["source"], row["line"], duplicates[where])
+    return [] if row["key"] in finished else [row]
 
 
 class ScoreActor:
@@ -112,18 +147,25 @@ def run_scoring(config: PipelineConfig, response_pass: bool = False) -> dict[str
         config = config.model_copy(update={"scoring": config.scoring.model_copy(update={"level": "response"})})
         output = config.layout.score_response
     scoring = config.scoring
+    files = [str(path.resolve()) for path in check_corpus(scoring)]
     output.mkdir(parents=True, exist_ok=True)
     with folder_lock(output):  # a second run on this folder refuses instead of deleting our parts
         claim_folder(output, scoring_fingerprint(config))
+        actor = {"CPU": scoring.resources.num_cpus, **({"GPU": scoring.resources.num_gpus}
+                                                       if scoring.resources.num_gpus else {})}
+        check_capacity(actor, scoring.num_actors, "scoring.resources / scoring.num_actors",
+                       extra={"CPU": READ_STAGE_CPUS})
         finished = done_keys(output)
         before = totals(output)
 
-        files = [str(path.resolve()) for path in check_corpus(scoring)]
-        # Reading and splitting are light: a fraction of a CPU each, so that they still run when the
-        # scoring actors reserve every CPU of the node.
-        rows = ray.data.read_binary_files(files, include_paths=True, num_cpus=0.25).flat_map(
-            explode_file, fn_kwargs={"columns": scoring.columns.model_dump(exclude_unset=True)}, num_cpus=0.25)
-        pending = rows.filter(lambda row: row["key"] not in finished)
+        # Reading and splitting are light: a fraction of a CPU, so that they still run when the
+        # scoring actors reserve every other CPU of the node.
+        rows = ray.data.read_binary_files(files, include_paths=True, num_cpus=READ_STAGE_CPUS).flat_map(
+            explode_file, fn_kwargs={"columns": scoring.columns.model_dump(exclude_unset=True)},
+            num_cpus=READ_STAGE_CPUS)
+        pending = rows.flat_map(pending_rows, fn_kwargs={"finished": finished,
+                                                         "duplicates": later_occurrences(rows, files)},
+                                num_cpus=READ_STAGE_CPUS)
         results = pending.map_batches(
             ScoreActor,
             fn_constructor_kwargs={"config": config, "output": str(output)},
