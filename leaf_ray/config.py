@@ -198,6 +198,12 @@ class ServingConfig(StageConfig):
     min_replicas: int = Field(1, ge=0, description="Autoscaling: fewest engine replicas.")
     max_replicas: int = Field(1, ge=1, description="Autoscaling: most engine replicas.")
     target_ongoing_requests: int = Field(16, ge=1, description="Autoscaling target per engine replica.")
+    upscale_delay_s: float = Field(30.0, ge=0, description="Autoscaling: how long demand stays high before a "
+                                                           "replica is added (Ray Serve's default).")
+    downscale_delay_s: float = Field(600.0, ge=0, description="Autoscaling: how long demand stays low before a "
+                                                              "replica is removed (Ray Serve's default).")
+    look_back_period_s: float = Field(30.0, gt=0, description="Autoscaling: the window ongoing requests are "
+                                                              "averaged over (Ray Serve's default).")
     gpu_memory_utilization: float = Field(0.2, gt=0, le=1,
         description="vLLM's memory share for the KV cache (0.2 on the CPU build).")
     enforce_eager: bool = Field(False, description="vLLM without torch.compile or graph capture: a faster cold "
