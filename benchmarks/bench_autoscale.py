@@ -58,7 +58,9 @@ def engine_replicas(app: str = "default") -> tuple[int, int]:
 def serve_scaling_timeline(max_load_s: float = 240.0, max_idle_s: float = 120.0) -> dict[str, Any]:
     """Deploy the app on the running Ray, load it until a second engine replica runs (and a few
     seconds more), stop, and wait for the return to one replica; sample replicas and in-flight
-    requests every half second."""
+    requests every half second. Times count from the start of the load: ``replica_added_s`` when
+    Serve decided on a second replica, ``scale_up_s`` when it was running; ``scale_down_s`` from
+    the end of the load to one replica again."""
     from ray import serve
 
     from leaf_ray.serving.app import build_app
@@ -116,6 +118,7 @@ def serve_scaling_timeline(max_load_s: float = 240.0, max_idle_s: float = 120.0)
     failed = [status for status in outcomes if status != 200]
     return {"settings": {**SERVE_SETTINGS, "concurrency": CONCURRENCY, "max_tokens": body["max_tokens"]},
             "requests": len(outcomes), "failed_requests": len(failed), "failures": sorted(map(str, set(failed))),
+            "replica_added_s": next((p["t_s"] for p in timeline if p["replicas"] == 2), None),
             "scale_up_s": scaled_up_s, "load_stopped_s": load_stopped_s,
             "scale_down_s": None if scaled_down_s is None else round(scaled_down_s - load_stopped_s, 1),
             "timeline": timeline}
@@ -255,11 +258,13 @@ def cluster_scaling_timeline(work: Path, records: int = 48) -> dict[str, Any]:
             os.environ["RAY_ADDRESS"] = saved
     peak = {name: max(point[name] for point in timeline) for name in workers}
     first_up = next((point["t_s"] for point in timeline if any(point[n] for n in workers)), None)
+    all_up = next((point["t_s"] for point in timeline if point == {**point, **peak}), None)
     return {"head": head, "node_types": {name: {k: t[k] for k in ("resources", "min_workers", "max_workers")}
                                          for name, t in workers.items()},
             "job": {"num_actors": 2, "actor": actor.model_dump(), "records": records, "scored": summary["scored"],
                     "errors": summary["errors"]},
             "idle_timeout_s": IDLE_TIMEOUT_S, "peak_worker_nodes": peak, "first_node_up_s": first_up,
+            "all_nodes_up_s": all_up,
             "job_done_s": job_s, "nodes_removed_s": round(removed_s - job_s, 1),
             "nodes_left": nodes_left, "timeline": timeline}
 
