@@ -126,6 +126,8 @@ class VerificationConfig(StageConfig):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="vLLM dtype (float32 on CPU).")
     gpu_memory_utilization: float = Field(0.2, gt=0, le=1, description="0.2 on the CPU build; ~0.9 on a GPU.")
     batch_size: int = Field(64, gt=0, description="Rows per vLLM engine batch.")
+    enforce_eager: bool = Field(False, description="vLLM without torch.compile or graph capture: a faster cold "
+                                                   "start, slower steps.")
     num_engines: int = Field(1, ge=1, description="vLLM engine replicas per model.")
     resources: ResourcesConfig = Field(ResourcesConfig(), description="Per vLLM engine replica.")
 

@@ -62,7 +62,9 @@ def test_vllm_answers_match_transformers_and_rules_apply(tmp_path):
     pipeline = PipelineConfig(
         run_dir=str(tmp_path), teacher=str(EMBEDDED / "teacher"), student=str(EMBEDDED / "student"),
         scoring=ScoringConfig(corpus=str(corpus), max_length=128, resources=ResourcesConfig(num_cpus=1)),
-        verification=VerificationConfig(max_tokens=8, max_model_len=256, dtype="float32", batch_size=32))
+        # enforce_eager: no kernel compilation at each engine's cold start (answers, not speed, are tested)
+        verification=VerificationConfig(max_tokens=8, max_model_len=256, dtype="float32", batch_size=32,
+                                        enforce_eager=True))
     ray.init(num_cpus=4, include_dashboard=False)
     try:
         run_scoring(pipeline)

@@ -17,8 +17,8 @@ from leaf_ray.data import prompt_token_ids
 
 def vllm_generate(model_dir: str, prompts: dict[str, tuple[str, str]], *, max_tokens: int = 8,
                   max_model_len: int = 512, dtype: str = "auto", gpu_memory_utilization: float = 0.2,
-                  batch_size: int = 64, num_engines: int = 1, resources: ResourcesConfig | None = None
-                  ) -> dict[str, str]:
+                  batch_size: int = 64, num_engines: int = 1, resources: ResourcesConfig | None = None,
+                  enforce_eager: bool = False) -> dict[str, str]:
     """Greedy continuations by the model at ``model_dir`` of each prompt in ``prompts``
     (key -> (instruction, response prefix to continue from, often ""))."""
     from transformers import AutoTokenizer
@@ -32,7 +32,7 @@ def vllm_generate(model_dir: str, prompts: dict[str, tuple[str, str]], *, max_to
         vLLMEngineProcessorConfig(
             model_source=model_dir,
             engine_kwargs={"dtype": dtype, "max_model_len": max_model_len,
-                           "gpu_memory_utilization": gpu_memory_utilization},
+                           "gpu_memory_utilization": gpu_memory_utilization, "enforce_eager": enforce_eager},
             batch_size=batch_size,
             concurrency=num_engines,
             placement_group_config={"bundles": [bundle]},

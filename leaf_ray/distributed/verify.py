@@ -35,7 +35,7 @@ def run_verification(pipeline: PipelineConfig, response_pass: bool = False) -> d
     rows = generation_requests(pairs)
     engine = {"max_tokens": config.max_tokens, "max_model_len": config.max_model_len, "dtype": config.dtype,
               "gpu_memory_utilization": config.gpu_memory_utilization, "batch_size": config.batch_size,
-              "num_engines": config.num_engines, "resources": config.resources}
+              "num_engines": config.num_engines, "resources": config.resources, "enforce_eager": config.enforce_eager}
 
     student = vllm_generate(pipeline.student, {r["key"]: (r["instruction"], r["prefix"]) for r in rows}, **engine)
     needs_teacher = config.keep_originals != "all"
