@@ -36,13 +36,13 @@ EMBEDDED = ROOT / "assets" / "embedded"
 MODEL_ID = "leaf-student"
 SERVE_URL = "http://127.0.0.1:8000"
 
-# Serve scenario: one request per replica is the target, so 3 concurrent clients want 3 replicas (2 at
-# most). Each request decodes 64 tokens (ignore_eos): the engine's work, not HTTP, keeps one core
+# Serve scenario: the target is one ongoing request per replica, so 2 concurrent clients want 2
+# replicas. Each request decodes 64 tokens (ignore_eos): the engine's work, not HTTP, keeps one core
 # busy, and the other core starts the second engine (on 2 cores a request-per-ms load starved that
 # start for minutes). Ray Serve wants the look-back window longer than its 10 s metrics interval.
 SERVE_SETTINGS = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1, "upscale_delay_s": 2.0,
                   "downscale_delay_s": 10.0, "look_back_period_s": 12.0}
-CONCURRENCY = 3
+CONCURRENCY = 2
 
 
 def engine_replicas(app: str = "default") -> tuple[int, int]:
