@@ -37,10 +37,11 @@ demo: cluster
 	$(RAY_ENV) ray job submit --working-dir . -- python jobs/pipeline.py --config configs/demo.yaml --run-dir $(CURDIR)/runs/demo
 
 # vLLM's engine runs in a child process of its Serve replica; when `ray stop` kills the replica,
-# the engine is reparented to init and lives on, holding its memory: end this user's such orphans.
+# the engine is reparented to init and may live on, holding its memory: end this user's such
+# orphans (after a moment: right after `ray stop` some still had their dying parent).
 stop:
 	$(RAY_ENV) ray stop --force
-	pkill -u "$$(id -u)" -P 1 -f '^VLLM::' || true
+	sleep 2; pkill -u "$$(id -u)" -P 1 -f '^VLLM::' || true
 
 # RAY_ADDRESS=local: the tests start their own clusters even when `make demo` left one running.
 test: $(STAMP)
