@@ -1,6 +1,7 @@
 """Autoscaling, shown on one machine with real Ray: timelines into benchmarks/results/autoscale.json.
 
-    python benchmarks/bench_autoscale.py            # both scenarios (about 4 minutes here)
+    python benchmarks/bench_autoscale.py            # both scenarios (about 5 minutes here)
+    python benchmarks/bench_autoscale.py serve      # or one of them: serve, cluster
 
 1. **Serve.** The Serve app (Ray Serve LLM, vLLM CPU engine) with ``min_replicas: 1``,
    ``max_replicas: 2`` and a low ``target_ongoing_requests``, driven by a bounded load on
