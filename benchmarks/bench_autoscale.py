@@ -96,26 +96,29 @@ def serve_scaling_timeline(max_load_s: float = 240.0, max_idle_s: float = 120.0)
         timeline.append(point)
         return point
 
-    scaled_up_s = load_stopped_s = scaled_down_s = None
-    with ThreadPoolExecutor(CONCURRENCY) as pool:
-        for _ in range(CONCURRENCY):
-            pool.submit(client)
-        while time.monotonic() - start < max_load_s:
+    scaled_up_s = scaled_down_s = None
+    try:
+        with ThreadPoolExecutor(CONCURRENCY) as pool:
+            for _ in range(CONCURRENCY):
+                pool.submit(client)
+            while time.monotonic() - start < max_load_s:
+                point = sample()
+                if point["running_replicas"] == 2 and scaled_up_s is None:
+                    scaled_up_s = point["t_s"]
+                if scaled_up_s is not None and point["t_s"] >= scaled_up_s + 5:  # both replicas under load a while
+                    break
+                time.sleep(0.5)
+            load_on.clear()
+        load_stopped_s = round(time.monotonic() - start, 1)  # every client has finished its last request
+        while time.monotonic() - start < load_stopped_s + max_idle_s:
             point = sample()
-            if point["running_replicas"] == 2 and scaled_up_s is None:
-                scaled_up_s = point["t_s"]
-            if scaled_up_s is not None and point["t_s"] >= scaled_up_s + 5:  # both replicas under load a while
+            if point["replicas"] == 1 and point["running_replicas"] == 1:
+                scaled_down_s = point["t_s"]
                 break
             time.sleep(0.5)
+    finally:
         load_on.clear()
-    load_stopped_s = round(time.monotonic() - start, 1)  # every client has finished its last request
-    while time.monotonic() - start < load_stopped_s + max_idle_s:
-        point = sample()
-        if point["replicas"] == 1 and point["running_replicas"] == 1:
-            scaled_down_s = point["t_s"]
-            break
-        time.sleep(0.5)
-    serve.shutdown()
+        serve.shutdown()
     failed = [status for status in outcomes if status != 200]
     return {"settings": {**SERVE_SETTINGS, "concurrency": CONCURRENCY, "max_tokens": body["max_tokens"]},
             "requests": len(outcomes), "failed_requests": len(failed), "failures": sorted(map(str, set(failed))),

@@ -40,6 +40,10 @@ class ResourcesConfig(StageConfig):
     num_cpus: float = Field(1.0, gt=0, description="CPUs per actor; always set, Ray pins OMP threads to it.")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per actor; > 1 with device_map='auto' splits a teacher.")
 
+    def bundle(self) -> dict[str, float]:
+        """As a Ray resource bundle: the CPUs, and the GPUs when any are asked for."""
+        return {"CPU": self.num_cpus, **({"GPU": self.num_gpus} if self.num_gpus else {})}
+
 
 class ColumnMapping(StageConfig):
     """Which corpus columns hold each part of a record (leaf_ray/corpus.py)."""

@@ -226,7 +226,7 @@ def run_distillation(run: DistillationRun) -> dict[str, Any]:
         rows = {split: [pair_to_row(p) for p in pairs]
                 for split, pairs in (("train", train_pairs), ("validation", validation)) if pairs}
         claim_folder(output, run_fingerprint(config, rows))
-        worker = {"CPU": config.resources.num_cpus, **({"GPU": config.resources.num_gpus} if config.use_gpu else {})}
+        worker = config.resources.bundle() if config.use_gpu else {"CPU": config.resources.num_cpus}
         check_capacity(worker, config.num_workers, "distillation.resources / distillation.num_workers")
         datasets = {split: ray.data.from_items(split_rows) for split, split_rows in rows.items()}
         trainer = TorchTrainer(

@@ -27,7 +27,6 @@ def vllm_generate(model_dir: str, prompts: dict[str, tuple[str, str]], *, max_to
     items = [{"key": key, "tokenized_prompt": prompt_token_ids(tokenizer, instruction, prefix)}
              for key, (instruction, prefix) in prompts.items()]
     resources = resources or ResourcesConfig()
-    bundle = {"CPU": resources.num_cpus, **({"GPU": resources.num_gpus} if resources.num_gpus else {})}
     processor = build_processor(
         vLLMEngineProcessorConfig(
             model_source=model_dir,
@@ -35,7 +34,7 @@ def vllm_generate(model_dir: str, prompts: dict[str, tuple[str, str]], *, max_to
                            "gpu_memory_utilization": gpu_memory_utilization, "enforce_eager": enforce_eager},
             batch_size=batch_size,
             concurrency=num_engines,
-            placement_group_config={"bundles": [bundle]},
+            placement_group_config={"bundles": [resources.bundle()]},
             chat_template_stage={"enabled": False},
             tokenize_stage={"enabled": False},
             detokenize_stage={"enabled": False},

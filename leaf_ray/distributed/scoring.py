@@ -151,9 +151,7 @@ def run_scoring(config: PipelineConfig, response_pass: bool = False) -> dict[str
     output.mkdir(parents=True, exist_ok=True)
     with folder_lock(output):  # a second run on this folder refuses instead of deleting our parts
         claim_folder(output, scoring_fingerprint(config))
-        actor = {"CPU": scoring.resources.num_cpus, **({"GPU": scoring.resources.num_gpus}
-                                                       if scoring.resources.num_gpus else {})}
-        check_capacity(actor, scoring.num_actors, "scoring.resources / scoring.num_actors",
+        check_capacity(scoring.resources.bundle(), scoring.num_actors, "scoring.resources / scoring.num_actors",
                        extra={"CPU": READ_STAGE_CPUS})
         finished = done_keys(output)
         before = totals(output)

@@ -244,7 +244,6 @@ LEAF_ENDPOINTS = {
 def llm_config_for(config: ServingConfig) -> LLMConfig:
     """The Ray Serve LLM config of the engine deployment."""
     on_gpu = config.resources.num_gpus > 0
-    bundle = {"CPU": config.resources.num_cpus, **({"GPU": config.resources.num_gpus} if on_gpu else {})}
     # vLLM's CPU build binds its threads to every core of the NUMA node: engine replicas on one node
     # then spin on the same cores, and a second replica started under load never finished starting
     # (measured here). On CPU each engine runs as many threads as the CPUs it reserves.
@@ -253,7 +252,7 @@ def llm_config_for(config: ServingConfig) -> LLMConfig:
         runtime_env={} if on_gpu else {"env_vars": threads},
         model_loading_config={"model_id": config.model_id, "model_source": config.model},
         accelerator_config={"kind": "gpu" if on_gpu else "cpu"},
-        placement_group_config={"bundle_per_worker": bundle},
+        placement_group_config={"bundle_per_worker": config.resources.bundle()},
         engine_kwargs={"max_model_len": config.max_model_len, "dtype": config.dtype,
                        "gpu_memory_utilization": config.gpu_memory_utilization,
                        "enforce_eager": config.enforce_eager},
