@@ -12,6 +12,7 @@ chat template and any fast tokenizer.
 from __future__ import annotations
 
 import json
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -367,41 +368,57 @@ def _views(content: str) -> tuple[tuple[str, int], ...]:
     return ((content, 0), (content.strip(), len(content) - len(content.lstrip())))
 
 
+# Per tokenizer: its chat template and the markup that template puts around the two messages.
+_SKELETONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _skeleton(tokenizer, fresh: bool = False) -> tuple[str, str, str]:
+    """The template's markup before, between and after the messages, rendered once with
+    sentinels and cached per tokenizer (rendering it on every record cost as much as
+    rendering the record)."""
+    cached = _SKELETONS.get(tokenizer)
+    if cached is not None and cached[0] == tokenizer.chat_template and not fresh:
+        return cached[1]
+    skeleton = _render(tokenizer, _INSTRUCTION_SENTINEL, _RESPONSE_SENTINEL)
+    i_at = skeleton.find(_INSTRUCTION_SENTINEL)
+    r_at = skeleton.find(_RESPONSE_SENTINEL)
+    if i_at < 0 or r_at < i_at:
+        raise ValueError("chat template does not place the user message before the assistant message")
+    parts = (skeleton[:i_at], skeleton[i_at + len(_INSTRUCTION_SENTINEL):r_at],
+             skeleton[r_at + len(_RESPONSE_SENTINEL):])
+    _SKELETONS[tokenizer] = (tokenizer.chat_template, parts)
+    return parts
+
+
 def render_sample(tokenizer, instruction: str, response: str) -> RenderedSample:
     """Render through the tokenizer's chat template and locate both parts by character offsets.
 
-    The template is rendered once with sentinels in place of the contents, which splits it
-    into the fixed markup around them; the real rendering must then be exactly
+    The template, rendered with sentinels in place of the contents, splits into the fixed
+    markup around them (:func:`_skeleton`); the real rendering must then be exactly
     ``markup + instruction + markup + response + markup``, with the contents possibly
     trimmed (Llama 3's template trims). Anything else is a template we cannot align, and
     we say so rather than guess.
     """
     if not getattr(tokenizer, "is_fast", False):
         raise TypeError("a fast tokenizer (tokenizers-backed) is required for offset mapping")
-    skeleton = _render(tokenizer, _INSTRUCTION_SENTINEL, _RESPONSE_SENTINEL)
-    i_at = skeleton.find(_INSTRUCTION_SENTINEL)
-    r_at = skeleton.find(_RESPONSE_SENTINEL)
-    if i_at < 0 or r_at < i_at:
-        raise ValueError("chat template does not place the user message before the assistant message")
-    head = skeleton[:i_at]
-    middle = skeleton[i_at + len(_INSTRUCTION_SENTINEL):r_at]
-    tail = skeleton[r_at + len(_RESPONSE_SENTINEL):]
-
     text = _render(tokenizer, instruction, response)
-    for instr_view, i_shift in _views(instruction):
-        for resp_view, r_shift in _views(response):
-            if text == head + instr_view + middle + resp_view + tail:
-                i_start = len(head)
-                r_start = i_start + len(instr_view) + len(middle)
-                encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-                return RenderedSample(
-                    text=text,
-                    instruction_span=(i_start, i_start + len(instr_view)),
-                    response_span=(r_start, r_start + len(resp_view)),
-                    instruction_shift=i_shift,
-                    response_shift=r_shift,
-                    input_ids=list(encoded["input_ids"]),
-                    offsets=[tuple(o) for o in encoded["offset_mapping"]],
-                )
+    # A cached markup can go stale (a template that prints today's date): render it afresh once.
+    for fresh in (False, True):
+        head, middle, tail = _skeleton(tokenizer, fresh)
+        for instr_view, i_shift in _views(instruction):
+            for resp_view, r_shift in _views(response):
+                if text == head + instr_view + middle + resp_view + tail:
+                    i_start = len(head)
+                    r_start = i_start + len(instr_view) + len(middle)
+                    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+                    return RenderedSample(
+                        text=text,
+                        instruction_span=(i_start, i_start + len(instr_view)),
+                        response_span=(r_start, r_start + len(resp_view)),
+                        instruction_shift=i_shift,
+                        response_shift=r_shift,
+                        input_ids=list(encoded["input_ids"]),
+                        offsets=[tuple(o) for o in encoded["offset_mapping"]],
+                    )
     raise ValueError("chat template rewrites message contents beyond trimming whitespace; "
                      "cannot locate instruction and response by character offsets")

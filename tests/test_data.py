@@ -88,6 +88,21 @@ def test_template_that_rewrites_content_is_rejected(byte_tokenizer):
         render_sample(tokenizer, "ann has 3", "3")
 
 
+def test_cached_template_markup_is_rendered_again_when_it_goes_stale(byte_tokenizer):
+    """The markup around the messages is cached per tokenizer. A template whose markup changes
+    between calls (Llama 3's prints today's date; here the BOS token changes) is rendered
+    again rather than refused, and a new template replaces the cached markup."""
+    tokenizer = byte_tokenizer.__class__(tokenizer_object=byte_tokenizer.backend_tokenizer)
+    tokenizer.chat_template = "{{ bos_token }}{% for m in messages %}[{{ m['content'] }}]{% endfor %}"
+    tokenizer.bos_token = "<a>"
+    assert render_sample(tokenizer, "ann has 3", "3").text == "<a>[ann has 3][3]"
+    tokenizer.bos_token = "<b>"
+    rendered = render_sample(tokenizer, "ann has 3", "3")
+    assert rendered.text == "<b>[ann has 3][3]" and rendered.instruction_span == (4, 13)
+    tokenizer.chat_template = "{% for m in messages %}({{ m['content'] }}){% endfor %}"
+    assert render_sample(tokenizer, "ann has 3", "3").response_span == (12, 13)
+
+
 def test_parquet_columns_json_cannot_hold_are_converted_and_an_unreadable_value_is_one_rows_error(tmp_path):
     """Real Parquet corpora carry timestamps, dates, decimals and bytes. They reach every stage as
     JSON (the store writes JSONL), and one value Python cannot hold costs its row, not the file."""

@@ -8,7 +8,7 @@ import torch
 
 from leaf_ray.config import ScoringConfig
 from leaf_ray.data import Record, render_sample
-from leaf_ray.detection.scorer import PairScorer
+from leaf_ray.detection.scorer import PairScorer, same_tokenizer
 from tests.conftest import tiny_llama
 from leaf_ray.detection.sensitivity import (
     ScoringItem,
@@ -92,6 +92,31 @@ def test_projection_is_the_token_norm_when_tokens_are_units():
     np.testing.assert_allclose(got, [1.0, 0.0, 2.0, 0.0, 3.0])
 
 
+def slow_projection(units, token_spans, token_norms, text):
+    """The projection's rule, one character at a time."""
+    mass = [0.0] * len(units)
+    for (a, b), norm in zip(token_spans, token_norms):
+        chars = range(max(a, 0), min(b, len(text)))
+        solid = [c for c in chars if not text[c].isspace()]
+        for c in solid or chars:
+            owner = max(i for i, u in enumerate(units) if u.start <= c)
+            mass[owner] += norm ** 2 / len(solid or chars)
+    return np.sqrt(mass)
+
+
+def test_projection_matches_a_character_loop():
+    """Random token cuts (overlapping, whitespace-only, past either end of the text)."""
+    text = "  x = \\frac{a}{b}\n\tcafé 東京🙂  if (n > 3): return n  "
+    units = split_units(text)
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        starts = rng.integers(-3, len(text) + 3, size=rng.integers(0, 12))
+        spans = [(int(a), int(a + rng.integers(0, 6))) for a in starts]
+        norms = rng.random(len(spans)) * 3
+        np.testing.assert_allclose(project_to_units(units, spans, norms, text),
+                                   slow_projection(units, spans, norms, text), rtol=1e-12, atol=0)
+
+
 def test_projection_agrees_across_tokenizers(byte_tokenizer, metaspace_tokenizer):
     """With a known per-character sensitivity (1 per visible character), each tokenizer's
     token norms projected onto units give the same unit scores, however the text is cut."""
@@ -129,6 +154,24 @@ def test_pair_scorer_with_two_different_tokenizers(byte_model, byte_tokenizer, m
     for record, together in zip(records, scored):
         (alone,), _ = scorer.score([record])
         np.testing.assert_allclose(alone.scores.diff, together.scores.diff, atol=1e-5)
+
+
+def test_a_tokenizer_shared_by_both_models_is_rendered_once_with_the_same_scores(
+        byte_model, byte_tokenizer, metaspace_tokenizer):
+    copy = byte_tokenizer.__class__(tokenizer_object=byte_tokenizer.backend_tokenizer)
+    copy.chat_template = byte_tokenizer.chat_template
+    assert same_tokenizer(byte_tokenizer, copy) and not same_tokenizer(byte_tokenizer, metaspace_tokenizer)
+    copy.chat_template = "{% for m in messages %}[{{ m['content'] }}]{% endfor %}"
+    assert not same_tokenizer(byte_tokenizer, copy)
+
+    records = [Record(str(i), ins, res) for i, (ins, res) in enumerate(SAMPLES)]
+    teacher = tiny_llama(len(byte_tokenizer), seed=1)
+    shared = PairScorer(teacher, byte_tokenizer, byte_model, byte_tokenizer, ScoringConfig(corpus="c"))
+    assert shared.same_tokenizer
+    apart = PairScorer(teacher, byte_tokenizer, byte_model, byte_tokenizer, ScoringConfig(corpus="c"))
+    apart.same_tokenizer = False  # render and tokenize once per model, as for two tokenizers
+    for a, b in zip(shared.score(records)[0], apart.score(records)[0]):
+        np.testing.assert_array_equal(a.scores.diff, b.scores.diff)
 
 
 def test_pair_scorer_response_level(byte_model, byte_tokenizer):

@@ -7,7 +7,11 @@ it unchanged. Plain PyTorch; no Ray here.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -25,8 +29,8 @@ from leaf_ray.detection.sensitivity import (
     project_to_units,
     token_sensitivity,
 )
-from leaf_ray.detection.units import Unit, split_units, token_units
 from leaf_ray.detection.store import error_key, error_row, write_batch
+from leaf_ray.detection.units import Unit, split_units, token_units
 from leaf_ray.models import bf16_autocast_enabled, load_model
 
 
@@ -69,7 +73,7 @@ class ScoredRecord:
     def to_row(self, mask: Sequence[bool], threshold: float) -> dict:
         """One row of a scores file (Parquet / JSONL): per-unit lists, NaN as None."""
         def floats(values: np.ndarray) -> list[float | None]:
-            return [nan_to_none(v) for v in values]
+            return [None if math.isnan(v) else v for v in values.tolist()]
 
         units = self.scores.units
         return {
@@ -90,6 +94,15 @@ class ScoredRecord:
         return cls(record, scores, row["level"], row["text_offset"], 0)
 
 
+def same_tokenizer(first, second) -> bool:
+    """Whether two tokenizers cut and render text identically: same vocabulary, merges,
+    normalisation and special tokens (the serialised tokenizer), and same chat template."""
+    if first is second:
+        return True
+    return (first.chat_template == second.chat_template
+            and first.backend_tokenizer.to_str() == second.backend_tokenizer.to_str())
+
+
 @dataclass
 class _Prepared:
     record: Record
@@ -100,12 +113,29 @@ class _Prepared:
 
 
 class PairScorer:
-    """Scores records with a teacher and a student; one forward+backward per model per batch."""
+    """Scores records with a teacher and a student; one forward+backward per model per batch.
+
+    ``seconds`` sums the wall time of each phase over every call (rendering and tokenizing,
+    model passes, projection onto units, and the pruning and writing of the stage around it),
+    to show where time goes besides the model passes.
+    """
 
     def __init__(self, teacher, teacher_tokenizer, student, student_tokenizer, config: ScoringConfig):
         self.models = (prepare_for_scoring(teacher), prepare_for_scoring(student))
         self.tokenizers = (teacher_tokenizer, student_tokenizer)
+        # Same-family pairs (Llama 3.3 70B teaching Llama 3.2 1B) usually share a tokenizer and
+        # template: then each record is rendered and tokenized once, not once per model.
+        self.same_tokenizer = same_tokenizer(teacher_tokenizer, student_tokenizer)
         self.config = config
+        self.seconds: Counter[str] = Counter()
+
+    @contextmanager
+    def timing(self, phase: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] += time.perf_counter() - start
 
     @classmethod
     def from_paths(cls, teacher: str | Path, student: str | Path, config: ScoringConfig) -> PairScorer:
@@ -125,7 +155,7 @@ class PairScorer:
             (p0, p1), (s0, s1) = split
             text, offset, context, target = record.response[p0:p1], p0, (p0, p1), (s0, s1)
         items, origins = [], []
-        for tokenizer in self.tokenizers:
+        for tokenizer in self.tokenizers[1:] if self.same_tokenizer else self.tokenizers:
             try:
                 rendered = render_sample(tokenizer, record.instruction, record.response)
             except Exception as exc:  # tokenizer / template failures are per-record errors
@@ -145,7 +175,7 @@ class PairScorer:
             require_scorable(item, record.id)
             items.append(item)
             origins.append(origin + offset)
-        return _Prepared(record, text, offset, (items[0], items[1]), (origins[0], origins[1]))
+        return _Prepared(record, text, offset, (items[0], items[-1]), (origins[0], origins[-1]))
 
     def _batches(self, prepared: list[_Prepared], model_index: int) -> list[list[int]]:
         """Indices grouped by similar length so that padding stays small."""
@@ -166,30 +196,34 @@ class PairScorer:
     def score(self, records: Sequence[Record]) -> tuple[list[ScoredRecord], list[RecordError]]:
         """Score a batch of records; records that cannot be scored come back as errors."""
         prepared, errors = [], []
-        for record in records:
-            try:
-                prepared.append(self._prepare(record))
-            except RecordError as exc:
-                errors.append(exc)
+        with self.timing("render_and_tokenize"):
+            for record in records:
+                try:
+                    prepared.append(self._prepare(record))
+                except RecordError as exc:
+                    errors.append(exc)
         raw: list[list[np.ndarray | None]] = [[None] * len(prepared) for _ in self.models]
-        for m, model in enumerate(self.models):
-            device = next(model.parameters()).device
-            autocast = torch.autocast(device.type, dtype=torch.bfloat16,
-                                      enabled=bf16_autocast_enabled(self.config.bf16_autocast, device))
-            for batch in self._batches(prepared, m):
-                with autocast:
-                    norms = token_sensitivity(model, [prepared[i].items[m] for i in batch],
-                                              self.config.padding_side)
-                for i, n in zip(batch, norms):
-                    raw[m][i] = n
+        with self.timing("model_passes"):
+            for m, model in enumerate(self.models):
+                device = next(model.parameters()).device
+                autocast = torch.autocast(device.type, dtype=torch.bfloat16,
+                                          enabled=bf16_autocast_enabled(self.config.bf16_autocast, device))
+                for batch in self._batches(prepared, m):
+                    with autocast:
+                        norms = token_sensitivity(model, [prepared[i].items[m] for i in batch],
+                                                  self.config.padding_side)
+                    for i, n in zip(batch, norms):
+                        raw[m][i] = n
         scored = []
-        for i, p in enumerate(prepared):
-            spans = [context_spans(p.items[m], p.origins[m]) for m in range(2)]
-            units = (token_units(p.text, spans[1]) if self.config.units == "tokens"
-                     else split_units(p.text, self.config.unit_pattern))
-            per_model = [project_to_units(units, spans[m], raw[m][i], p.text) for m in range(2)]
-            scores = compare_unit_scores(p.text, units, per_model[0], per_model[1], self.config.units)
-            scored.append(ScoredRecord(p.record, scores, self.config.level, p.text_offset, len(p.items[1].input_ids)))
+        with self.timing("projection"):
+            for i, p in enumerate(prepared):
+                spans = [context_spans(p.items[m], p.origins[m]) for m in range(2)]
+                units = (token_units(p.text, spans[1]) if self.config.units == "tokens"
+                         else split_units(p.text, self.config.unit_pattern))
+                per_model = [project_to_units(units, spans[m], raw[m][i], p.text) for m in range(2)]
+                scores = compare_unit_scores(p.text, units, per_model[0], per_model[1], self.config.units)
+                scored.append(ScoredRecord(p.record, scores, self.config.level, p.text_offset,
+                                           len(p.items[1].input_ids)))
         return scored, errors
 
 
@@ -200,15 +234,16 @@ def score_and_prune(scorer: PairScorer, pruning: PruningConfig, records: Sequenc
     scored, errors = scorer.score(records)
     rows, originals, cfs = [], [], []
     stats = {"scored": len(scored), "tokens": 0, "masked_units": 0, "scored_units": 0}
-    for s in scored:
-        mask, threshold = confounder_mask(s.scores, pruning)
-        rows.append(s.to_row(mask, threshold))
-        originals.append({**s.original.to_dict(), "level": s.level})
-        cfs += counterfactuals(s.record, s.scores, pruning, level=s.level, text_offset=s.text_offset,
-                               mask=mask, threshold=threshold)
-        stats["tokens"] += s.num_tokens
-        stats["masked_units"] += int(mask.sum())
-        stats["scored_units"] += int(s.scores.scored.sum())
+    with scorer.timing("pruning"):
+        for s in scored:
+            mask, threshold = confounder_mask(s.scores, pruning)
+            rows.append(s.to_row(mask, threshold))
+            originals.append({**s.original.to_dict(), "level": s.level})
+            cfs += counterfactuals(s.record, s.scores, pruning, level=s.level, text_offset=s.text_offset,
+                                   mask=mask, threshold=threshold)
+            stats["tokens"] += s.num_tokens
+            stats["masked_units"] += int(mask.sum())
+            stats["scored_units"] += int(s.scores.scored.sum())
     stats["counterfactuals"] = len(cfs)
     return rows, originals, cfs, errors, stats
 
@@ -231,5 +266,6 @@ class ScoringBatchProcessor:
         rows, originals, cfs, failed, stats = score_and_prune(self.scorer, self.pruning, records)
         errors = [error_row(key, e) for key, e in unreadable] + [error_row(error_key(e), e) for e in failed]
         stats.update(read=len(keys), errors=len(errors))
-        write_batch(self.output, list(keys), rows, originals, cfs, errors, stats)
+        with self.scorer.timing("writing"):
+            write_batch(self.output, list(keys), rows, originals, cfs, errors, stats)
         return stats

@@ -115,17 +115,21 @@ def project_to_units(units: Sequence[Unit], token_spans: Sequence[tuple[int, int
     any (a byte-level BPE token like " ann" belongs to the word, not to the space).
     With one token per unit this is the token's own norm.
     """
-    mass = np.zeros(len(units))
-    starts = np.array([u.start for u in units])
-    for (a, b), norm in zip(token_spans, token_norms):
-        a, b = max(a, 0), min(b, len(text))
-        if b <= a:
-            continue
-        solid = [i for i in range(a, b) if not text[i].isspace()]
-        chars = solid or list(range(a, b))
-        share = float(norm) ** 2 / len(chars)
-        for c in chars:
-            mass[np.searchsorted(starts, c, side="right") - 1] += share
+    spans = np.clip(np.asarray(token_spans, dtype=np.int64).reshape(-1, 2), 0, len(text))
+    lengths = np.maximum(spans[:, 1] - spans[:, 0], 0)
+    if not lengths.any():
+        return np.zeros(len(units))
+    # Every character of every token, with the token it belongs to (vectorised: this ran per
+    # character in Python and cost a tenth of the scorer's time).
+    token_of_char = np.repeat(np.arange(len(spans)), lengths)
+    chars = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths) + spans[token_of_char, 0]
+    is_solid = np.array([not c.isspace() for c in text], dtype=bool)[chars]
+    solid_per_token = np.bincount(token_of_char, weights=is_solid, minlength=len(spans))
+    counted = is_solid | (solid_per_token[token_of_char] == 0)
+    per_token = np.bincount(token_of_char, weights=counted, minlength=len(spans))
+    share = np.square(np.asarray(token_norms, dtype=np.float64)) / np.maximum(per_token, 1)
+    unit_of_char = np.searchsorted(np.array([u.start for u in units]), chars, side="right") - 1
+    mass = np.bincount(unit_of_char[counted], weights=share[token_of_char][counted], minlength=len(units))
     return np.sqrt(mass)
 
 
