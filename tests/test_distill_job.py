@@ -4,6 +4,7 @@ export, an injected worker crash, a rerun after a failed run, and FSDP2 against 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -32,7 +33,7 @@ def scored(tmp_path_factory) -> DistillationRun:
     corpus = root / "corpus.jsonl"
     write_jsonl(corpus, [json.loads(line) for line in lines])
     pipeline = PipelineConfig(run_dir=str(root), teacher=str(EMBEDDED / "teacher"), student=str(EMBEDDED / "student"),
-                              scoring=ScoringConfig(corpus=str(corpus), max_length=128, batch_size=160,
+                              scoring=ScoringConfig(corpus=str(corpus), max_length=128, batch_size=16, num_actors=2,
                                                     resources=ResourcesConfig(num_cpus=1)))
     ray.init(num_cpus=4, include_dashboard=False)
     run_scoring(pipeline)
@@ -53,6 +54,14 @@ def reference(scored: DistillationRun) -> dict:
 def with_output(run: DistillationRun, name: str, **config) -> DistillationRun:
     return DistillationRun(run.config.model_copy(update=config), run.teacher, run.student, run.data_dir,
                            str(Path(run.output_dir).parent / name), name)
+
+
+def test_a_one_file_corpus_is_spread_over_every_scoring_actor(scored):
+    """One JSONL file is one Ray Data block when read; both scoring actors must still get batches."""
+    markers = [json.loads(path.read_text()) for path in (Path(scored.data_dir) / "_done").glob("*.json")]
+    assert sum(m["scored"] for m in markers) == 160
+    writers = Counter(m["written_by"] for m in markers)
+    assert len(writers) == 2 and min(writers.values()) >= 2, writers
 
 
 def test_two_workers_lower_the_loss_and_export_a_loadable_model(scored, reference):

@@ -6,7 +6,7 @@ Layout::
     counterfactuals/part-<batch>.jsonl  one record per pruned span (corpus schema + provenance)
     scores/part-<batch>.parquet         per record: units, teacher / student / diff, mask
     errors/part-<batch>.jsonl           records that could not be processed, with a reason
-    _done/<batch>.json                  the batch's keys and counts, written last
+    _done/<batch>.json                  the batch's keys, counts and writer (host:pid), written last
     summary.json
 
 A batch counts as done only when its ``_done`` marker exists; part files are renamed into
@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +60,7 @@ def write_batch(root: Path, keys: list[str], scores: list[dict[str, Any]], origi
         write_atomically(root / "counterfactuals" / f"part-{name}.jsonl", _write_jsonl(counterfactuals))
     if errors:
         write_atomically(root / "errors" / f"part-{name}.jsonl", _write_jsonl(errors))
-    marker = {"keys": keys, **stats}
+    marker = {"keys": keys, "written_by": f"{socket.gethostname()}:{os.getpid()}", **stats}
     write_text_atomically(root / "_done" / f"{name}.json", json.dumps(marker))
     return name
 
@@ -85,7 +87,7 @@ def totals(root: Path) -> dict[str, float]:
     for path in (root / "_done").glob("*.json"):
         marker = json.loads(path.read_text())
         for key, value in marker.items():
-            if key != "keys":
+            if isinstance(value, (int, float)):
                 total[key] = total.get(key, 0) + value
     return total
 

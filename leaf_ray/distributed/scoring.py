@@ -51,14 +51,17 @@ def error_at(source: str, line: int, reason: str) -> dict[str, Any]:
     return {"key": f"{source}:{line}", "source": source, "line": line, "payload": None, "error": reason}
 
 
-def later_occurrences(rows: ray.data.Dataset, files: list[str]) -> dict[str, str]:
+def later_occurrences(rows: ray.data.Dataset, files: list[str]) -> tuple[dict[str, str], int]:
     """Every row whose id an earlier row already has, files in corpus order and then rows in
-    file order: its ``file:line`` -> why it is not scored. Ray Data reads blocks in any order
-    and on any node, so this is a pass of its own over the ids, before scoring."""
+    file order: its ``file:line`` -> why it is not scored; and the number of rows. Ray Data
+    reads blocks in any order and on any node, so this is a pass of its own over the ids,
+    before scoring."""
     order = {path: index for index, path in enumerate(files)}
     first: dict[str, tuple[int, int]] = {}
     later: dict[tuple[int, int], str] = {}
+    count = 0
     for batch in rows.select_columns(["key", "source", "line", "error"]).iter_batches(batch_size=4096):
+        count += len(batch["key"])
         for key, source, line, error in zip(batch["key"], batch["source"], batch["line"], batch["error"]):
             if error is not None:  # an unreadable row is keyed by where it is: never a duplicate
                 continue
@@ -70,7 +73,7 @@ def later_occurrences(rows: ray.data.Dataset, files: list[str]) -> dict[str, str
             first[key] = earlier
             later[after] = key
     return {f"{files[index]}:{line}": f"duplicate id {key!r}, first at {files[first[key][0]]}:{first[key][1]}"
-            for (index, line), key in later.items()}
+            for (index, line), key in later.items()}, count
 
 
 def pending_rows(row: dict[str, Any], finished: set[str], duplicates: dict[str, str]) -> list[dict[str, Any]]:
@@ -161,9 +164,14 @@ def run_scoring(config: PipelineConfig, response_pass: bool = False) -> dict[str
         rows = ray.data.read_binary_files(files, include_paths=True, num_cpus=READ_STAGE_CPUS).flat_map(
             explode_file, fn_kwargs={"columns": scoring.columns.model_dump(exclude_unset=True)},
             num_cpus=READ_STAGE_CPUS)
-        pending = rows.flat_map(pending_rows, fn_kwargs={"finished": finished,
-                                                         "duplicates": later_occurrences(rows, files)},
+        duplicates, count = later_occurrences(rows, files)
+        pending = rows.flat_map(pending_rows, fn_kwargs={"finished": finished, "duplicates": duplicates},
                                 num_cpus=READ_STAGE_CPUS)
+        # A corpus file reads as one block and an actor pool hands out whole blocks, so a
+        # one-file corpus kept every actor but one idle. Blocks of about a batch's bytes fix
+        # that (Dataset.repartition would, but its tasks take a whole CPU the actors hold).
+        pending.context.target_max_block_size = max(
+            4096, sum(Path(f).stat().st_size for f in files) * scoring.batch_size // max(count, 1))
         results = pending.map_batches(
             ScoreActor,
             fn_constructor_kwargs={"config": config, "output": str(output)},
