@@ -1,19 +1,27 @@
-"""Scoring throughput: the official loop vs our batched scorer vs the Ray Data job, one process.
+"""Scoring throughput against the limit, the official loop and in-process, in one process.
 
-    python benchmarks/bench_scoring.py [--records 20000] [--baseline-records 300]
+    python benchmarks/bench_scoring.py [--records 20000] [--scorer-records 2000] [--baseline-records 300]
 
-Baseline: a faithful re-implementation of the official gradient loop (batch 1, the teacher
-and student each in its own forward+backward, parameters requiring grad, HF label loss,
-a JSON file written per sample). Ours: `PairScorer` (padded batches grouped by length, one
-forward+backward per model per batch, no parameter grads). Both are timed in float32 and
-under bf16 autocast; `speedup_vs_official` compares ours with bf16 autocast against the
-faster of the two baselines.
+All in float32, the default (`scoring.dtype`, no bf16 autocast; bf16 is emulated on a CPU
+without AVX512-BF16 and slower than float32 there), embedded models, median of `--repeats`:
 
-Ray vs in-process: the same job (load models, score, prune, write the resumable store) run
-in this process and as the Ray Data job on a local cluster with one 2-CPU actor, on a
-generated corpus of `--records` records. The Ray wall time includes starting the actor
-process (importing torch) and loading the models. Tokens counted: the student's rendered
-tokens of each record. Writes benchmarks/results/scoring.json.
+- **limit**: the bare model passes: a forward+backward of teacher and student on the same
+  padded batches the scorer runs, input-embedding gradients only, the batches built
+  beforehand; no rendering, no pruning, no I/O.
+- **ours**: `ScoringBatchProcessor`, the stage's unit of work (render and tokenize, model
+  passes, projection onto units, pruning, writing the store), with the wall time of each
+  phase (`PairScorer.seconds`) as the breakdown of the gap to the limit. Timed alternately
+  with the limit, so that both see the same machine.
+- **official**: a faithful re-implementation of the official gradient loop (batch 1, the
+  teacher and student each in its own forward+backward, parameters requiring grad, HF label
+  loss, a JSON file per sample), on a subset.
+- **Ray vs in-process**: the same job (load models, score, prune, write the resumable store)
+  in this process, and as the Ray Data job with 1 actor of 2 CPUs and with 2 actors of 1
+  CPU each, on `--records` generated records. The Ray wall time includes starting the actor
+  processes (importing torch) and loading the models.
+
+Tokens counted: the student's rendered tokens of each record. Writes
+benchmarks/results/scoring.json.
 """
 
 from __future__ import annotations
@@ -24,15 +32,19 @@ import resource
 import statistics
 import tempfile
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
-from leaf_ray.config import PipelineConfig, PruningConfig, ResourcesConfig, ScoringConfig
+from leaf_ray.config import (
+    PipelineConfig,
+    PruningConfig,
+    ResourcesConfig,
+    ScoringConfig,
+)
 from leaf_ray.data import iter_records, render_sample, write_jsonl
 from leaf_ray.detection.scorer import PairScorer, ScoringBatchProcessor
-from leaf_ray.detection.sensitivity import ScoringItem
+from leaf_ray.detection.sensitivity import ScoringItem, collate, embedding_grad_norms
 from leaf_ray.models import load_model
 from leaf_ray.synthetic.tasks import make_split
 
@@ -81,14 +93,24 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def bf16(enabled: bool):
-    return torch.autocast("cpu", dtype=torch.bfloat16) if enabled else nullcontext()
+def model_passes_only(scorer: PairScorer, records) -> tuple[callable, int]:
+    """The limit: a function running only the model passes the scorer runs on ``records``
+    (the same padded batches, built here beforehand), and the tokens it covers."""
+    prepared = [scorer._prepare(r) for r in records]
+    batches = [(model, collate([prepared[i].items[m] for i in batch], scorer.config.padding_side))
+               for m, model in enumerate(scorer.models) for batch in scorer._batches(prepared, m)]
+
+    def run() -> None:
+        for model, batch in batches:
+            embedding_grad_norms(model, batch)
+
+    return run, sum(len(p.items[1].input_ids) for p in prepared)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--records", type=int, default=20000, help="corpus size of the Ray vs in-process job")
-    parser.add_argument("--scorer-records", type=int, default=2000, help="records for the scorer-only timing")
+    parser.add_argument("--scorer-records", type=int, default=2000, help="records for the limit and the scorer")
     parser.add_argument("--baseline-records", type=int, default=300, help="the baseline is slow; a subset suffices")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "scoring.json")
@@ -100,32 +122,35 @@ def main() -> None:
     records = list(iter_records(corpus))
     teacher, tokenizer = load_model(EMBEDDED / "teacher")
     student, _ = load_model(EMBEDDED / "student")
-    config = ScoringConfig(corpus=str(corpus), max_length=512)
-
-    baseline = {}
-    for autocast in (False, True):
-        with tempfile.TemporaryDirectory() as tmp, bf16(autocast):
-            wall, tokens = timed(lambda: official_loop(teacher, student, tokenizer,
-                                                       records[: args.baseline_records], Path(tmp)), args.repeats)
-        baseline["bf16" if autocast else "fp32"] = tokens / wall
-    baseline_rss = peak_rss_gib()
-
-    batched = {}
-    for autocast in (False, True):
-        scorer = PairScorer(teacher, tokenizer, student, tokenizer, config.model_copy(update={"bf16_autocast": autocast}))
-
-        def score_only() -> int:
-            scored, _ = scorer.score(records[: args.scorer_records])
-            return sum(s.num_tokens for s in scored)
-
-        wall, tokens = timed(score_only, args.repeats)
-        batched["bf16" if autocast else "fp32"] = tokens / wall
-    batched_rss = peak_rss_gib()
-
+    config = ScoringConfig(corpus=str(corpus), max_length=512)  # float32, no autocast: the default
     job = PipelineConfig(teacher=str(EMBEDDED / "teacher"), student=str(EMBEDDED / "student"),
-                         scoring=config.model_copy(update={"bf16_autocast": True, "batch_size": 512, "num_actors": 1,
-                                                           "resources": ResourcesConfig(num_cpus=2)}),
-                         pruning=PruningConfig())
+                         scoring=config.model_copy(update={"batch_size": 512}), pruning=PruningConfig())
+
+    with tempfile.TemporaryDirectory() as tmp:
+        official_wall, official_tokens = timed(
+            lambda: official_loop(teacher, student, tokenizer, records[: args.baseline_records], Path(tmp)),
+            args.repeats)
+
+    # Ours and the limit, alternately, on the same records.
+    scorer = PairScorer(teacher, tokenizer, student, tokenizer, config)
+    sample = records[: args.scorer_records]
+    limit, limit_tokens = model_passes_only(scorer, sample)
+    limit()  # warm-up: first calls on new shapes pay for kernel selection
+    ours_walls, limit_walls, phases = [], [], []
+    for _ in range(args.repeats):
+        with tempfile.TemporaryDirectory() as tmp:
+            scorer.seconds.clear()
+            start = time.perf_counter()
+            ours_tokens = ScoringBatchProcessor(scorer, job.pruning, tmp)([r.id for r in sample], sample)["tokens"]
+            ours_walls.append(time.perf_counter() - start)
+            phases.append(dict(scorer.seconds))
+        start = time.perf_counter()
+        limit()
+        limit_walls.append(time.perf_counter() - start)
+    assert ours_tokens == limit_tokens, (ours_tokens, limit_tokens)
+    ours_wall, limit_wall = statistics.median(ours_walls), statistics.median(limit_walls)
+    breakdown = {phase: statistics.median(p[phase] for p in phases) for phase in phases[0]}
+    scorer_rss = peak_rss_gib()
 
     def in_process_job() -> int:
         """The same batch processor the Ray actor runs, called in a loop here."""
@@ -142,39 +167,50 @@ def main() -> None:
 
     from leaf_ray.distributed.scoring import run_scoring
 
-    # More logical CPUs than cores: the actor reserves 2 (its torch threads) and the light read
+    # 4 logical CPUs on 2 cores: the actors reserve 2 (their torch threads) and the light read
     # stage needs a share too, or Ray Data backpressures it forever.
     ray.init(num_cpus=4, include_dashboard=False)
+    ray_walls = {}
+    for actors, cpus in ((1, 2), (2, 1)):
+        scoring = job.scoring.model_copy(update={"num_actors": actors, "resources": ResourcesConfig(num_cpus=cpus)})
 
-    def ray_job() -> int:
-        with tempfile.TemporaryDirectory() as tmp:
-            return run_scoring(job.model_copy(update={"run_dir": tmp}))["tokens"]
+        def ray_job() -> int:
+            with tempfile.TemporaryDirectory() as tmp:
+                return run_scoring(job.model_copy(update={"run_dir": tmp, "scoring": scoring}))["tokens"]  # noqa: B023
 
-    ray_wall, ray_tokens = timed(ray_job, args.repeats)
+        ray_walls[actors], ray_tokens = timed(ray_job, args.repeats)
+        assert ray_tokens == job_tokens, (ray_tokens, job_tokens)
     ray.shutdown()
-    assert ray_tokens == job_tokens, (ray_tokens, job_tokens)
 
+    ours_rate, limit_rate = ours_tokens / ours_wall, limit_tokens / limit_wall
+    official_rate = official_tokens / official_wall
     result = {
+        "device": f"cpu: {torch.get_num_threads()} threads",
+        "dtype": "float32 (no autocast), both sides",
         "records": len(records),
         "scorer_records": args.scorer_records,
         "baseline_records": args.baseline_records,
-        "device": f"cpu: {torch.get_num_threads()} threads",
         "repeats": args.repeats,
         "statistic": "median wall time of the repeats",
-        "baseline_tokens_per_s": max(baseline.values()),
-        "baseline_tokens_per_s_by_precision": baseline,
-        "batched_tokens_per_s": batched["bf16"],
-        "batched_tokens_per_s_by_precision": batched,
-        "speedup_vs_official": batched["bf16"] / max(baseline.values()),
-        "speedup_vs_official_fp32": batched["fp32"] / baseline["fp32"],
+        "limit_tokens_per_s": limit_rate,
+        "ours_tokens_per_s": ours_rate,
+        "official_tokens_per_s": official_rate,
+        "limit_ratio": ours_rate / limit_rate,
+        "speedup_vs_official_same_dtype": ours_rate / official_rate,
+        "breakdown_s": {"limit_model_passes": limit_wall, "ours_total": ours_wall, **breakdown,
+                        "unaccounted": ours_wall - sum(breakdown.values())},
+        "breakdown_note": "ours_total = render_and_tokenize + model_passes + projection + pruning + writing "
+                          "(+ unaccounted); model_passes also collates the batches, which the limit has built "
+                          "beforehand",
         "in_process_job_tokens_per_s": job_tokens / in_process_wall,
-        "ray_tokens_per_s": ray_tokens / ray_wall,
-        "ray_vs_inprocess": in_process_wall / ray_wall,
+        "ray_tokens_per_s": {f"{n}_actors": job_tokens / wall for n, wall in ray_walls.items()},
+        "ray_vs_inprocess": {f"{n}_actors": in_process_wall / wall for n, wall in ray_walls.items()},
+        "ray_actor_cpus": {"1_actors": 2, "2_actors": 1},
         "in_process_job_wall_s": in_process_wall,
-        "ray_wall_s": ray_wall,
-        "job_includes": "loading both models, scoring, pruning, writing the store; Ray adds starting the actor process",
-        "peak_rss_gib_after_baseline": baseline_rss,
-        "peak_rss_gib_after_batched": batched_rss,
+        "ray_wall_s": {f"{n}_actors": wall for n, wall in ray_walls.items()},
+        "job_includes": "loading both models, scoring, pruning, writing the store; Ray adds starting the actor "
+                        "processes",
+        "peak_rss_gib_after_scorer": scorer_rss,
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2) + "\n")
