@@ -7,8 +7,14 @@ Both train the embedded student from the embedded teacher on the same LeaF batch
 Baseline (the official recipe): every row padded to `max_length`, float32, the full
 vocabulary softmax of teacher and student over every position at once.
 Ours (`leaf_ray.distillation.accumulate_gradients`): rows padded to the longest in the
-batch, logits of response positions only, the divergence in checkpointed chunks, bf16
-autocast. Tokens counted: real (unpadded) tokens of both branches.
+batch, the divergence over response positions only, in checkpointed chunks; bf16 autocast
+where bf16 is native (`bf16_autocast: auto`), so float32 on a CPU without AVX512-BF16, as the
+baseline. Tokens counted: real (unpadded) tokens of both branches.
+
+Limit: the bare model passes of our step on the same batches, encoded beforehand: the
+teacher's forward and the student's forward+backward (of the logits' sum), for both
+branches; no tokenizing, no loss. `limit_ratio` is ours over it, both without the optimizer
+step (timed apart), alternating repeats so both see the same machine.
 
 Loss memory: the peak of live tensor storage allocated while computing the loss and its
 backward from the logits each path produces (padded to max_length, or to the batch's
@@ -37,7 +43,7 @@ from leaf_ray.detection.scorer import PairScorer
 from leaf_ray.distillation.loop import accumulate_gradients, make_optimizer, sample_batch
 from leaf_ray.distillation.losses import distill_loss
 from leaf_ray.distillation.variants import variant_pairs
-from leaf_ray.models import load_model
+from leaf_ray.models import bf16_autocast_enabled, load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 EMBEDDED = ROOT / "assets" / "embedded"
@@ -159,6 +165,43 @@ def main() -> None:
     student.load_state_dict(initial)
     ours_s = run(lambda o, c: accumulate_gradients(student, teacher, tokenizer, o, c, config, vocab))
 
+    # Ours against the limit, gradients only (no optimizer step), alternately.
+    encoded = [[encode_records(tokenizer, records) for records in batch] for batch in batches]
+
+    def bare_passes() -> None:
+        for branches in encoded:
+            student.zero_grad(set_to_none=True)
+            for batch in branches:
+                inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+                with torch.no_grad():
+                    teacher(**inputs)
+                student(**inputs).logits.sum().backward()
+
+    def our_gradients() -> None:
+        for originals, cfs in batches:
+            student.zero_grad(set_to_none=True)
+            accumulate_gradients(student, teacher, tokenizer, originals, cfs, config, vocab)
+
+    def encoding() -> None:
+        for originals, cfs in batches:
+            encode_records(tokenizer, originals), encode_records(tokenizer, cfs)
+
+    optimizer, _ = make_optimizer(student, config)
+
+    def optimizer_steps() -> None:  # on the gradients our_gradients left
+        for _ in batches:
+            optimizer.step()
+
+    walls = {"limit": [], "ours": [], "encoding": [], "optimizer": []}
+    for _ in range(args.repeats):
+        for name, fn in (("limit", bare_passes), ("ours", our_gradients), ("encoding", encoding),
+                         ("optimizer", optimizer_steps)):
+            start = time.perf_counter()
+            fn()
+            walls[name].append(time.perf_counter() - start)
+    limit_s, ours_gradients_s, encoding_s, optimizer_s = (
+        statistics.median(walls[k]) for k in ("limit", "ours", "encoding", "optimizer"))
+
     # Loss memory: from the logits each path hands its loss, for one step's originals.
     memory = {}
     originals = batches[0][0]
@@ -178,7 +221,17 @@ def main() -> None:
         "baseline_tokens_per_s": tokens / baseline_s,
         "ours_tokens_per_s": tokens / ours_s,
         "speedup_vs_official": baseline_s / ours_s,
-        "ours_settings": {"bf16_autocast": config.bf16_autocast, "loss_chunk_tokens": config.loss_chunk_tokens},
+        "limit_tokens_per_s": tokens / limit_s,
+        "ours_gradients_tokens_per_s": tokens / ours_gradients_s,
+        "limit_ratio": limit_s / ours_gradients_s,
+        "breakdown_s": {"limit_passes": limit_s, "ours_gradients": ours_gradients_s, "encoding": encoding_s,
+                        "loss_and_rest": ours_gradients_s - limit_s - encoding_s,
+                        "optimizer_steps": optimizer_s},
+        "breakdown_note": f"seconds for {args.steps} steps; loss_and_rest = ours_gradients - limit_passes - "
+                          "encoding; optimizer_steps (AdamW) is in neither ours_gradients nor the limit",
+        "ours_settings": {"bf16_autocast": config.bf16_autocast,
+                          "bf16_autocast_used": bf16_autocast_enabled(config.bf16_autocast, torch.device("cpu")),
+                          "loss_chunk_tokens": config.loss_chunk_tokens},
         "baseline_loss_peak_bytes": memory["official"],
         "ours_loss_peak_bytes": memory["ours"],
         "loss_peak_memory_ratio": memory["ours"] / memory["official"],
