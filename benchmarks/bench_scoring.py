@@ -107,6 +107,31 @@ def model_passes_only(scorer: PairScorer, records) -> tuple[callable, int]:
     return run, sum(len(p.items[1].input_ids) for p in prepared)
 
 
+def ours_against_limit(scorer: PairScorer, pruning: PruningConfig, sample, repeats: int) -> dict:
+    """``ScoringBatchProcessor`` on ``sample`` and the bare model passes of the same batches,
+    alternately: tokens/s of each, their ratio, and the median seconds of each phase."""
+    limit, limit_tokens = model_passes_only(scorer, sample)
+    limit()  # warm-up: first calls on new shapes pay for kernel selection
+    ours_walls, limit_walls, phases = [], [], []
+    for _ in range(repeats):
+        with tempfile.TemporaryDirectory() as tmp:
+            scorer.seconds.clear()
+            start = time.perf_counter()
+            ours_tokens = ScoringBatchProcessor(scorer, pruning, tmp)([r.id for r in sample], sample)["tokens"]
+            ours_walls.append(time.perf_counter() - start)
+            phases.append(dict(scorer.seconds))
+        start = time.perf_counter()
+        limit()
+        limit_walls.append(time.perf_counter() - start)
+    assert ours_tokens == limit_tokens, (ours_tokens, limit_tokens)
+    ours_wall, limit_wall = statistics.median(ours_walls), statistics.median(limit_walls)
+    breakdown = {phase: statistics.median(p[phase] for p in phases) for phase in phases[0]}
+    return {"limit_tokens_per_s": limit_tokens / limit_wall, "ours_tokens_per_s": ours_tokens / ours_wall,
+            "limit_ratio": limit_wall / ours_wall,
+            "breakdown_s": {"limit_model_passes": limit_wall, "ours_total": ours_wall, **breakdown,
+                            "unaccounted": ours_wall - sum(breakdown.values())}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--records", type=int, default=20000, help="corpus size of the Ray vs in-process job")
@@ -131,25 +156,8 @@ def main() -> None:
             lambda: official_loop(teacher, student, tokenizer, records[: args.baseline_records], Path(tmp)),
             args.repeats)
 
-    # Ours and the limit, alternately, on the same records.
     scorer = PairScorer(teacher, tokenizer, student, tokenizer, config)
-    sample = records[: args.scorer_records]
-    limit, limit_tokens = model_passes_only(scorer, sample)
-    limit()  # warm-up: first calls on new shapes pay for kernel selection
-    ours_walls, limit_walls, phases = [], [], []
-    for _ in range(args.repeats):
-        with tempfile.TemporaryDirectory() as tmp:
-            scorer.seconds.clear()
-            start = time.perf_counter()
-            ours_tokens = ScoringBatchProcessor(scorer, job.pruning, tmp)([r.id for r in sample], sample)["tokens"]
-            ours_walls.append(time.perf_counter() - start)
-            phases.append(dict(scorer.seconds))
-        start = time.perf_counter()
-        limit()
-        limit_walls.append(time.perf_counter() - start)
-    assert ours_tokens == limit_tokens, (ours_tokens, limit_tokens)
-    ours_wall, limit_wall = statistics.median(ours_walls), statistics.median(limit_walls)
-    breakdown = {phase: statistics.median(p[phase] for p in phases) for phase in phases[0]}
+    against_limit = ours_against_limit(scorer, job.pruning, records[: args.scorer_records], args.repeats)
     scorer_rss = peak_rss_gib()
 
     def in_process_job() -> int:
@@ -182,7 +190,6 @@ def main() -> None:
         assert ray_tokens == job_tokens, (ray_tokens, job_tokens)
     ray.shutdown()
 
-    ours_rate, limit_rate = ours_tokens / ours_wall, limit_tokens / limit_wall
     official_rate = official_tokens / official_wall
     result = {
         "device": f"cpu: {torch.get_num_threads()} threads",
@@ -192,13 +199,9 @@ def main() -> None:
         "baseline_records": args.baseline_records,
         "repeats": args.repeats,
         "statistic": "median wall time of the repeats",
-        "limit_tokens_per_s": limit_rate,
-        "ours_tokens_per_s": ours_rate,
+        **against_limit,
         "official_tokens_per_s": official_rate,
-        "limit_ratio": ours_rate / limit_rate,
-        "speedup_vs_official_same_dtype": ours_rate / official_rate,
-        "breakdown_s": {"limit_model_passes": limit_wall, "ours_total": ours_wall, **breakdown,
-                        "unaccounted": ours_wall - sum(breakdown.values())},
+        "speedup_vs_official_same_dtype": against_limit["ours_tokens_per_s"] / official_rate,
         "breakdown_note": "ours_total = render_and_tokenize + model_passes + projection + pruning + writing "
                           "(+ unaccounted); model_passes also collates the batches, which the limit has built "
                           "beforehand",

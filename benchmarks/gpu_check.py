@@ -7,8 +7,9 @@ Each section runs in its own process under a time limit, so that one failure is 
 and does not hide the others:
 
 - ``scoring``: the scoring benchmark on CUDA, the official loop (batch 1) against
-  ``PairScorer``, in float32 and under bf16 autocast; and the teacher loaded with
-  ``device_map="auto"``, whose scores must equal the single-device ones.
+  ``PairScorer``, in float32 and under bf16 autocast; the stage's unit of work against its
+  bare model passes (``limit_ratio``, with the per-phase breakdown); and the teacher loaded
+  with ``device_map="auto"``, whose scores must equal the single-device ones.
 - ``ray``: on a local Ray cluster with the GPU, the Ray Data scoring job with one GPU actor,
   then a short LeaF distillation on Ray Train with one GPU worker, DDP then FSDP (bf16
   autocast), their per-step losses compared, and the FSDP export loaded and run on CUDA.
@@ -63,9 +64,9 @@ def environment() -> dict:
 def scoring() -> dict:
     import numpy as np
     import torch
-    from bench_scoring import official_loop, timed
+    from bench_scoring import official_loop, ours_against_limit, timed
 
-    from leaf_ray.config import ScoringConfig
+    from leaf_ray.config import PruningConfig, ScoringConfig
     from leaf_ray.data import Record
     from leaf_ray.detection.scorer import PairScorer
     from leaf_ray.models import load_model
@@ -86,6 +87,11 @@ def scoring() -> dict:
         ours[precision] = tokens / wall
         save_partial({"baseline_tokens_per_s": baseline, "batched_tokens_per_s": ours})
 
+    # The stage's unit of work against its bare model passes (float32), as on CPU in scoring.json.
+    scorer = PairScorer(teacher, tokenizer, student, tokenizer, ScoringConfig(corpus="-", max_length=512))
+    against_limit = ours_against_limit(scorer, PruningConfig(), records[:2000], 3)
+    save_partial({"baseline_tokens_per_s": baseline, "batched_tokens_per_s": ours, "against_limit_fp32": against_limit})
+
     # device_map="auto" (how a teacher too big for one GPU is spread) gives the same scores.
     config = ScoringConfig(corpus="-", max_length=512)
     single, _ = PairScorer(teacher, tokenizer, student, tokenizer, config).score(records[:64])
@@ -96,6 +102,7 @@ def scoring() -> dict:
             "baseline_tokens_per_s": baseline, "batched_tokens_per_s": ours,
             "speedup_vs_official_bf16": ours["bf16"] / max(baseline.values()),
             "bf16_vs_fp32": ours["bf16"] / ours["fp32"],
+            "against_limit_fp32": against_limit,
             "device_map_auto_max_abs_score_diff": worst}
 
 
