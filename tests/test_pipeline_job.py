@@ -81,3 +81,25 @@ def test_submitted_pipeline_writes_the_report_and_models(cluster, tmp_path):
     assert again.returncode == 0, again.stdout[-4000:]
     stages = json.loads((run / "report.json").read_text())["stages"]
     assert all(stage["skipped"] for name, stage in stages.items() if name != "prepare"), stages
+
+
+def test_scored_records_come_by_id_whatever_the_batches(tmp_path):
+    """The random control draws its spans in this order: it must not follow the part files,
+    whose names (and so order) change with how the scoring job batched the corpus."""
+    from leaf_ray.config import PipelineConfig, ScoringConfig
+    from leaf_ray.detection.store import write_batch
+    from leaf_ray.distributed.pipeline import scored_records
+
+    config = PipelineConfig(run_dir=str(tmp_path), teacher=str(EMBEDDED / "teacher"), student=str(EMBEDDED / "student"),
+                            scoring=ScoringConfig(corpus="unused.jsonl"))
+
+    def row(record_id: str) -> dict:
+        return {"id": record_id, "level": "instruction", "text_offset": 0, "unit_kind": "text", "unit_text": ["a"],
+                "unit_start": [0], "unit_end": [1], "teacher": [0.0], "student": [0.0], "diff": [0.0],
+                "masked": [False], "threshold": None}
+
+    batches = [["r3", "r1"], ["r2", "r0"], ["r5", "r4"]]
+    for ids in batches:
+        write_batch(config.layout.score, ids, [row(i) for i in ids],
+                    [{"id": i, "instruction": "a", "response": "1", "level": "instruction"} for i in ids], [], [], {})
+    assert [s.record.id for s in scored_records(config)] == ["r0", "r1", "r2", "r3", "r4", "r5"]

@@ -122,10 +122,13 @@ class StageClock:
 
 
 def scored_records(config: PipelineConfig) -> list[ScoredRecord]:
-    """The instruction-level scores of the run, each with its original record."""
+    """The instruction-level scores of the run, each with its original record, by id: the
+    random control draws its spans in this order, which must not depend on how the scoring
+    job happened to batch the corpus."""
     records = {r.id: r for r in read_originals(config.layout.score)}
-    return [ScoredRecord.from_row(row, records[row["id"]])
-            for row in read_scores(config.layout.score) if row["level"] == "instruction"]
+    rows = sorted((row for row in read_scores(config.layout.score) if row["level"] == "instruction"),
+                  key=lambda row: row["id"])
+    return [ScoredRecord.from_row(row, records[row["id"]]) for row in rows]
 
 
 def training_set(config: PipelineConfig, variant: str) -> Path:
