@@ -183,8 +183,9 @@ def main() -> None:
             accumulate_gradients(student, teacher, tokenizer, originals, cfs, config, vocab)
 
     def encoding() -> None:
-        for originals, cfs in batches:
-            encode_records(tokenizer, originals), encode_records(tokenizer, cfs)
+        for branches in batches:
+            for records in branches:
+                encode_records(tokenizer, records)
 
     optimizer, _ = make_optimizer(student, config)
 

@@ -54,7 +54,7 @@ def batched_deployment(gpus: int, threads: int, max_batch_size: int):
     from fastapi import FastAPI
     from ray import serve
 
-    from leaf_ray.data import pad_token_id, render_prompt
+    from leaf_ray.data import pad_batch, pad_token_id, render_prompt
     from leaf_ray.models import load_model
 
     api = FastAPI()
@@ -66,17 +66,16 @@ def batched_deployment(gpus: int, threads: int, max_batch_size: int):
         def __init__(self, model_dir: str):
             torch.set_num_threads(threads)
             self.model, self.tokenizer = load_model(model_dir, dtype="bfloat16" if gpus else "float32")
-            self.tokenizer.padding_side = "left"
             self.pad_id = pad_token_id(self.tokenizer)
 
         @serve.batch(max_batch_size=max_batch_size, batch_wait_timeout_s=0.01)
         async def generate(self, bodies: list[dict]) -> list[dict]:
             prompts = [render_prompt(self.tokenizer, body["messages"][-1]["content"]) for body in bodies]
             rows = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-            width = max(map(len, rows))
-            input_ids = torch.tensor([[self.pad_id] * (width - len(r)) + r for r in rows], device=self.model.device)
-            attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows],
-                                          device=self.model.device)
+            batch = pad_batch(rows, pad_id=self.pad_id, side="left")
+            input_ids = batch["input_ids"].to(self.model.device)
+            attention_mask = batch["attention_mask"].to(self.model.device)
+            width = input_ids.shape[1]
             max_tokens = max(body["max_tokens"] for body in bodies)  # one length here: the load sends one
             output = self.model.generate(input_ids=input_ids, attention_mask=attention_mask,
                                          max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False,

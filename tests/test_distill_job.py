@@ -11,20 +11,11 @@ import pytest
 import ray
 import torch
 
-from leaf_ray.config import (
-    DistillationConfig,
-    PipelineConfig,
-    ResourcesConfig,
-    ScoringConfig,
-)
+from leaf_ray.config import DistillationConfig, PipelineConfig, ResourcesConfig, ScoringConfig
 from leaf_ray.data import write_jsonl
 from leaf_ray.detection.store import read_training_set, write_training_set
 from leaf_ray.distillation.loop import split_validation
-from leaf_ray.distributed.distill import (
-    FAIL_AT_STEP_ENV,
-    DistillationRun,
-    run_distillation,
-)
+from leaf_ray.distributed.distill import FAIL_AT_STEP_ENV, DistillationRun, run_distillation
 from leaf_ray.distributed.scoring import run_scoring
 from leaf_ray.evaluation import greedy_generate
 from leaf_ray.models import load_model

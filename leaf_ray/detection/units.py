@@ -8,7 +8,6 @@ Token units are a tokenizer's tokens, for the official code's procedure. Plain P
 
 from __future__ import annotations
 
-import functools
 import re
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -53,16 +52,11 @@ class Unit(NamedTuple):
         return bool(self.text.strip()) and bool(self.text.strip("\\"))
 
 
-@functools.lru_cache(maxsize=8)
-def compiled(pattern: str) -> re.Pattern:
-    return re.compile(pattern)
-
-
 def split_units(text: str, pattern: str = DEFAULT_UNIT_PATTERN) -> list[Unit]:
     """Cover ``text`` with units; any character the pattern misses becomes its own unit."""
     units: list[Unit] = []
     pos = 0
-    for match in compiled(pattern).finditer(text):
+    for match in re.finditer(pattern, text):
         if match.start() > pos:
             units.append(Unit(pos, match.start(), text[pos:match.start()]))
         if match.end() > match.start():
