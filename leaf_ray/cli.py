@@ -144,6 +144,24 @@ def distill(config: Annotated[Path, typer.Option(help="Pipeline config with a 'd
     typer.echo(json.dumps(run_distillation(run), indent=2, default=str))
 
 
+@app.command("teacher-cache")
+def teacher_cache(config: Annotated[Path, typer.Option(help="Pipeline config with a 'distillation' section.")],
+                  variant: Annotated[str | None, typer.Option(help="Whose training set; default: distillation.variant.")]
+                  = None) -> None:
+    """Cache the teacher's top-k log-probs with Ray Data (resumable); the same as jobs/teacher_cache.py."""
+    import ray
+
+    from leaf_ray.distributed.pipeline import training_set
+    from leaf_ray.distributed.teacher_cache import run_teacher_cache
+
+    cfg = _load(config, PipelineConfig)
+    if cfg.distillation is None:
+        raise typer.BadParameter(f"{config} has no 'distillation' section", param_hint="--config")
+    folder = training_set(cfg, variant or cfg.distillation.variant)
+    ray.init()
+    typer.echo(json.dumps(run_teacher_cache(cfg, folder), indent=2))
+
+
 @app.command("serve")
 def serve_model(
     model: Annotated[Path, typer.Option(help="Model directory to serve (a distillation export, or assets/embedded/student).")],

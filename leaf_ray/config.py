@@ -177,6 +177,9 @@ class DistillationConfig(StageConfig):
     max_failures: int = Field(2, ge=0,
         description="Worker-group restarts from the last checkpoint before the run fails.")
     seed: int = Field(0, description="Seeds sampling and initialisation; the same seed gives the same run.")
+    teacher: Literal["online", "cache"] = Field("online",
+        description="'online': every worker loads the teacher and runs it on every step; 'cache': workers read "
+                    "the teacher's top-k log-probs from the teacher_cache stage's output and never load it.")
     resources: ResourcesConfig = Field(ResourcesConfig(), description="Per Ray Train worker.")
 
     def validation_interval(self, num_pairs: int) -> int:
@@ -190,6 +193,19 @@ class DistillationConfig(StageConfig):
             raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of grad_accum * num_workers "
                              f"({self.grad_accum} * {self.num_workers})")
         return self
+
+
+class TeacherCacheConfig(StageConfig):
+    """Stage 1d (with ``distillation.teacher: cache``): the teacher's top-k log-probs, on Ray Data."""
+
+    top_k: int = Field(32, ge=1, description="Log-probs kept per response position; the rest of the mass is one "
+                                             "tail bucket. Storage: 6 * top_k + 2 bytes per position.")
+    batch_size: int = Field(64, ge=1, description="Records per Ray Data batch handed to an actor.")
+    max_tokens_per_batch: int = Field(8192, gt=0, description="Padded tokens per teacher forward.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Teacher weights' dtype.")
+    device: str = Field("auto", description="'auto' picks cuda when available, else cpu.")
+    num_actors: int = Field(1, ge=1, description="Ray Data actor pool size (teacher replicas).")
+    resources: ResourcesConfig = Field(ResourcesConfig(), description="Per caching actor.")
 
 
 class ServingConfig(StageConfig):
@@ -310,6 +326,8 @@ class PipelineConfig(StageConfig):
     scoring: ScoringConfig = Field(..., description="Stage 1a settings (required).")
     pruning: PruningConfig = Field(PruningConfig(), description="Stage 1b settings.")
     verification: VerificationConfig | None = Field(None, description="Optional stage 1c; absent: no vLLM filtering.")
+    teacher_cache: TeacherCacheConfig = Field(TeacherCacheConfig(),
+        description="Stage 1d settings: used when distillation.teacher is 'cache'.")
     distillation: DistillationConfig | None = Field(None,
         description="Stage 2 settings; absent: the pipeline stops after scoring.")
     serving: ServingConfig | None = Field(None, description="Serve the LeaF student at the end; absent: no serving.")

@@ -66,3 +66,14 @@ def model_fingerprint(path: str | Path, sample_bytes: int = 1 << 20) -> str:
                 handle.seek(max(size - sample_bytes, 0))
                 digest.update(f"{file.name}:{size}".encode() + head + handle.read(sample_bytes))
     return digest.hexdigest()[:16]
+
+
+def shared_vocab_of(teacher: str | Path, student: str | Path) -> int:
+    """The logit width two local models share (:func:`~leaf_ray.distillation.losses.shared_vocab_size`),
+    from their tokenizers and configs, without loading weights; raises if their tokenizers differ."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from leaf_ray.distillation.losses import shared_vocab_size
+
+    return shared_vocab_size(AutoTokenizer.from_pretrained(teacher), AutoTokenizer.from_pretrained(student),
+                             AutoConfig.from_pretrained(teacher).vocab_size, AutoConfig.from_pretrained(student).vocab_size)

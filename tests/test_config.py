@@ -65,7 +65,7 @@ def test_readme_documents_every_config_field():
     section = readme[readme.index("## Configuration"):]
     for model in (C.PipelineConfig, C.ScoringConfig, C.PruningConfig, C.VerificationConfig, C.DistillationConfig,
                   C.EvaluationConfig, C.ServingConfig, C.ResourcesConfig, C.BenchmarkConfig, C.ModelRecipe,
-                  C.ColumnMapping):
+                  C.ColumnMapping, C.TeacherCacheConfig):
         for name in model.model_fields:
             assert f"| `{name}` |" in section, f"README does not document {model.__name__}.{name}"
 

@@ -4,6 +4,7 @@ export, an injected worker crash, a rerun after a failed run, and FSDP2 against 
 from __future__ import annotations
 
 import json
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -11,12 +12,14 @@ import pytest
 import ray
 import torch
 
-from leaf_ray.config import DistillationConfig, PipelineConfig, ResourcesConfig, ScoringConfig
+from leaf_ray.config import DistillationConfig, PipelineConfig, ResourcesConfig, ScoringConfig, TeacherCacheConfig
 from leaf_ray.data import write_jsonl
 from leaf_ray.detection.store import read_training_set, write_training_set
 from leaf_ray.distillation.loop import split_validation
 from leaf_ray.distributed.distill import FAIL_AT_STEP_ENV, DistillationRun, run_distillation
+from leaf_ray.distillation.teacher_cache import TeacherCache, cache_folder, training_set_records
 from leaf_ray.distributed.scoring import run_scoring
+from leaf_ray.distributed.teacher_cache import run_teacher_cache
 from leaf_ray.evaluation import greedy_generate
 from leaf_ray.models import load_model
 from tests.conftest import EMBEDDED
@@ -173,3 +176,79 @@ def test_a_request_the_cluster_can_never_hold_fails_at_once_naming_the_field(sco
     with pytest.raises(ValueError, match=r"^scoring.resources / scoring.num_actors: 1 x \{CPU: 4\} plus \{CPU: 0.25\}"):
         run_scoring(pipeline)
     assert not list((pipeline.layout.score / "_done").glob("*"))
+
+
+@pytest.fixture(scope="module")
+def cache_pipeline(scored, tmp_path_factory) -> PipelineConfig:
+    """A pipeline whose distillation reads the teacher cache of the scored training set; its
+    teacher is a copy, so that a test can take it away."""
+    root = tmp_path_factory.mktemp("cache")
+    shutil.copytree(scored.teacher, root / "teacher")
+    distillation = scored.config.model_copy(update={"teacher": "cache", "max_steps": 12, "checkpoint_every": 4,
+                                                    "eval_every": 4})
+    return PipelineConfig(run_dir=str(root), teacher=str(root / "teacher"), student=scored.student,
+                          scoring=ScoringConfig(corpus="unused.jsonl"), distillation=distillation,
+                          teacher_cache=TeacherCacheConfig(top_k=16, batch_size=32, num_actors=2,
+                                                           resources=ResourcesConfig(num_cpus=1)))
+
+
+def test_the_teacher_cache_job_is_idempotent_resumable_and_tied_to_what_built_it(scored, cache_pipeline):
+    folder = cache_folder(scored.data_dir)
+    records = training_set_records(read_training_set(Path(scored.data_dir)))
+    first = run_teacher_cache(cache_pipeline, scored.data_dir)
+    assert first["records"] == first["this_run"]["records"] == len(records)
+    assert first["positions"] > 0 and first["raw_bytes_per_position"] == 16 * 6 + 2
+    built = TeacherCache(folder).entries
+    assert built.keys() == records.keys()
+    markers = {path: path.stat().st_mtime_ns for path in (folder / "_done").glob("*.json")}
+    assert len(markers) > 2
+
+    again = run_teacher_cache(cache_pipeline, scored.data_dir)
+    assert again["this_run"]["records"] == 0 and again["records"] == len(records)
+    assert {path: path.stat().st_mtime_ns for path in markers} == markers
+
+    # A kill mid-batch leaves a part without its marker (and maybe a temp file): the rerun
+    # redoes that batch alone, and the cache is the same.
+    lost = sorted(markers)[0]
+    lost_keys = json.loads(lost.read_text())["keys"]
+    lost.unlink()
+    (folder / "logits" / ".tmp-999-part-x.parquet").write_bytes(b"cut short")
+    resumed = run_teacher_cache(cache_pipeline, scored.data_dir)
+    assert resumed["this_run"]["records"] == len(lost_keys) < len(records)
+    assert all(path.stat().st_mtime_ns == mtime for path, mtime in markers.items() if path != lost)
+    assert not list((folder / "logits").glob(".tmp-*"))
+    rebuilt = TeacherCache(folder).entries
+    assert rebuilt.keys() == built.keys()
+    assert all(torch.equal(a, b) for key in built for a, b in zip(built[key], rebuilt[key]))
+
+    # Another teacher, or another k, would mix two caches in one folder: refused, naming the change.
+    with pytest.raises(ValueError, match="teacher changed"):
+        run_teacher_cache(cache_pipeline.model_copy(update={"teacher": scored.student}), scored.data_dir)
+    other_k = cache_pipeline.teacher_cache.model_copy(update={"top_k": 8})
+    with pytest.raises(ValueError, match=r"k changed \(16 -> 8\)"):
+        run_teacher_cache(cache_pipeline.model_copy(update={"teacher_cache": other_k}), scored.data_dir)
+
+
+def test_ray_train_from_the_cache_never_loads_the_teacher_resumes_and_exports(scored, cache_pipeline, monkeypatch):
+    run_teacher_cache(cache_pipeline, scored.data_dir)
+    teacher = Path(cache_pipeline.teacher)
+    teacher.rename(teacher.with_name("teacher-elsewhere"))  # a worker that loaded it would fail
+    try:
+        run = DistillationRun.for_variant(cache_pipeline, "leaf", scored.data_dir)
+        assert run.teacher_cache == str(cache_folder(scored.data_dir))
+        monkeypatch.setenv(FAIL_AT_STEP_ENV, "6")
+        result = run_distillation(run)
+    finally:
+        teacher.with_name("teacher-elsewhere").rename(teacher)
+    steps = [json.loads(line)["step"] for line in (Path(run.output_dir) / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 6)) + list(range(5, 13)), steps  # resumed from the step-4 checkpoint
+    history = result["history"]
+    assert sum(h["loss"] for h in history[-3:]) < sum(h["loss"] for h in history[:3])
+    assert "val_loss" in result["metrics"]
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    export = Path(run.output_dir) / "model"
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(export), AutoTokenizer.from_pretrained(export)
+    pair = read_training_set(Path(scored.data_dir))[0]
+    assert greedy_generate(model, tokenizer, [pair.original.instruction], max_new_tokens=4)[0].strip()

@@ -65,10 +65,10 @@ def write_batch(root: Path, keys: list[str], scores: list[dict[str, Any]], origi
     return name
 
 
-def done_keys(root: Path) -> set[str]:
-    """Keys of finished batches; removes parts and temp files that no marker vouches for."""
+def done_keys(root: Path, folders=tuple(OUTPUTS)) -> set[str]:
+    """Keys of finished batches; removes parts (in ``folders``) and temp files that no marker vouches for."""
     markers = {p.stem for p in (root / "_done").glob("*.json")}
-    for folder in OUTPUTS:
+    for folder in folders:
         for path in (root / folder).glob("*"):
             name = path.name.removeprefix(".tmp-").removeprefix("part-").split(".")[0]
             if path.name.startswith(".tmp-") or name not in markers:

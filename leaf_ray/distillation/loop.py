@@ -6,7 +6,8 @@ of it (a confounding span cut out):
     loss = lam * D(p_T(y|x) || p_S(y|x)) + (1 - lam) * D(p_T(y|x_cf) || p_S(y|x_cf))
 
 over the completion tokens (``lam = 1`` is plain KD). ``mode: mixed`` instead puts
-originals and counterfactuals in one pool, as the official code does.
+originals and counterfactuals in one pool, as the official code does. The teacher is a model
+run under no_grad, or (``teacher: cache``) a :class:`TeacherCache` of its top-k log-probs.
 
 :func:`train` is the only optimizer loop. It runs as rank ``r`` of ``world`` workers: a
 Ray Train worker calls it with its rank and a ``report`` callback that checkpoints, the
@@ -30,8 +31,9 @@ from tqdm.auto import tqdm
 
 from leaf_ray.config import DistillationConfig
 from leaf_ray.data import Record, TrainingPair, encode_for_training
-from leaf_ray.distillation.losses import distill_loss, leaf_loss
+from leaf_ray.distillation.losses import distill_loss, leaf_loss, sparse_distill_loss
 from leaf_ray.distillation.parallel import bare_model, clip_gradients, load_optimizer_state, lockstep_forwards
+from leaf_ray.distillation.teacher_cache import TeacherCache
 from leaf_ray.models import bf16_autocast_enabled
 
 
@@ -53,16 +55,26 @@ def sample_batch(pairs: Sequence[TrainingPair], config: DistillationConfig, size
     return originals, [rng.choice(p.counterfactuals) if p.counterfactuals else p.original for p in chosen]
 
 
-def branch_loss(student, teacher, batch: dict[str, torch.Tensor], config: DistillationConfig,
+def encode_branch(tokenizer, records: Sequence[Record]) -> dict[str, Any]:
+    """One branch's padded batch; the records ride along for a cached teacher to look up."""
+    return {**encode_for_training(tokenizer, records), "records": records}
+
+
+def branch_loss(student, teacher: torch.nn.Module | TeacherCache, batch: dict[str, Any], config: DistillationConfig,
                 vocab: int) -> torch.Tensor:
-    """Divergence on one padded batch, teacher under no_grad, logits sliced to the shared vocab."""
+    """Divergence on one padded batch, logits sliced to the shared vocab: against the teacher
+    model under no_grad, or against its cached top-k (the batch must carry its ``records``)."""
     device = next(student.parameters()).device
     inputs = {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
+    mask = batch["target_mask"].to(device)
+    student_logits = student(**inputs).logits[..., :vocab]
+    if isinstance(teacher, TeacherCache):
+        return sparse_distill_loss(student_logits, teacher.targets(batch["records"]), mask, config.loss,
+                                   config.temperature, config.jsd_beta, config.loss_chunk_tokens)
     with torch.no_grad():
         teacher_logits = teacher(**inputs).logits[..., :vocab]
-    student_logits = student(**inputs).logits[..., :vocab]
-    return distill_loss(student_logits, teacher_logits, batch["target_mask"].to(device), config.loss,
-                        config.temperature, config.jsd_beta, config.loss_chunk_tokens)
+    return distill_loss(student_logits, teacher_logits, mask, config.loss, config.temperature, config.jsd_beta,
+                        config.loss_chunk_tokens)
 
 
 def hybrid_loss(student, teacher, originals: dict[str, torch.Tensor], counterfactuals: dict[str, torch.Tensor] | None,
@@ -129,9 +141,9 @@ def accumulate_gradients(student, teacher, tokenizer, originals: list[Record], c
         sync = nullcontext() if last or not hasattr(student, "no_sync") else student.no_sync()
         with sync:
             with autocast:
-                cf = None if counterfactuals is None else encode_for_training(tokenizer, counterfactuals[lo:lo + micro])
-                loss, parts = hybrid_loss(student, teacher, encode_for_training(tokenizer, originals[lo:lo + micro]),
-                                          cf, config, vocab)
+                cf = None if counterfactuals is None else encode_branch(tokenizer, counterfactuals[lo:lo + micro])
+                loss, parts = hybrid_loss(student, teacher, encode_branch(tokenizer, originals[lo:lo + micro]), cf,
+                                          config, vocab)
             (loss / config.grad_accum).backward()
         total += loss.item() / config.grad_accum
         for key, value in parts.items():
@@ -160,7 +172,7 @@ def validation_loss(student, teacher, tokenizer, records: Sequence[Record], conf
     """
     total, tokens = 0.0, 0
     for lo in range(0, len(records), batch_size):
-        batch = encode_for_training(tokenizer, records[lo:lo + batch_size])
+        batch = encode_branch(tokenizer, records[lo:lo + batch_size])
         count = int(batch["target_mask"][:, 1:].sum())
         total += branch_loss(student, teacher, batch, config, vocab).item() * count
         tokens += count
@@ -198,8 +210,8 @@ def train(model, teacher, tokenizer, pairs: Sequence[TrainingPair], config: Dist
           report: StepReport | None = None) -> list[dict[str, Any]]:
     """Distil for ``max_steps`` optimizer steps of ``batch_size`` pairs split over ``world`` workers.
 
-    ``model`` is the student, possibly wrapped by DDP or sharded by FSDP; ``teacher`` is
-    frozen here. ``resume`` is a training state an earlier call's checkpoint saved (full
+    ``model`` is the student, possibly wrapped by DDP or sharded by FSDP; ``teacher`` is a
+    model, frozen here, or a :class:`TeacherCache`. ``resume`` is a training state an earlier call's checkpoint saved (full
     optimizer state, schedule, step): the run continues at the next step with the same data,
     because rank ``r``'s batches come from a generator seeded by ``(seed, r)`` that is
     replayed to the step. ``report(metrics, state)`` is called after every step on every
@@ -207,7 +219,8 @@ def train(model, teacher, tokenizer, pairs: Sequence[TrainingPair], config: Dist
     runs every ``validation_interval`` steps and at the end.
     Returns this call's per-step metrics.
     """
-    teacher.eval().requires_grad_(False)
+    if isinstance(teacher, torch.nn.Module):
+        teacher.eval().requires_grad_(False)
     torch.manual_seed(config.seed)
     optimizer, schedule = make_optimizer(model, config)
     start = 0

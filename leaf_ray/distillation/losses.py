@@ -13,6 +13,7 @@ being stored.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -53,8 +54,12 @@ def shared_vocab_size(teacher_tokenizer, student_tokenizer, teacher_vocab: int, 
 def _divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind: LossType,
                 temperature: float, beta: float) -> torch.Tensor:
     """Per-position divergence ``[N]`` in float32 for ``[N, V]`` logits."""
-    s = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    return _divergence_of_logprobs(F.log_softmax(student_logits.float() / temperature, dim=-1),
+                                   F.log_softmax(teacher_logits.float() / temperature, dim=-1), kind, beta)
+
+
+def _divergence_of_logprobs(s: torch.Tensor, t: torch.Tensor, kind: LossType, beta: float) -> torch.Tensor:
+    """Per-position divergence ``[N]`` of normalised log-probabilities ``[N, V]`` (student, teacher)."""
     if kind == "forward_kl":  # KL(p_T || p_S)
         return (t.exp() * (t - s)).sum(-1)
     if kind == "reverse_kl":  # KL(p_S || p_T)
@@ -97,6 +102,88 @@ def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, res
             part = checkpoint(_divergence, s_chunk, t_chunk, kind, temperature, beta, use_reentrant=False)
         else:
             part = _divergence(s_chunk, t_chunk, kind, temperature, beta)
+        total = total + part.sum()
+    return total / count * temperature ** 2
+
+
+# Stored teacher log-probs are clamped here so that float16 holds them (exp(-1e4) is 0 anyway).
+LOGPROB_FLOOR = -1e4
+
+
+@dataclass(frozen=True)
+class SparseTargets:
+    """The teacher's distribution at ``N`` response positions, kept as its top ``k`` tokens.
+
+    ``ids`` ``[N, k]`` and ``logprobs`` ``[N, k]`` (at the distillation temperature), and
+    ``tail`` ``[N]``: the log of the mass on every other token of ``vocab`` (``-inf`` when
+    ``k == vocab``). Rows are in the order :func:`response_positions` selects positions.
+    """
+
+    ids: torch.Tensor
+    logprobs: torch.Tensor
+    tail: torch.Tensor
+    vocab: int
+
+    @property
+    def k(self) -> int:
+        return self.ids.shape[-1]
+
+
+def teacher_top_k(teacher_logits: torch.Tensor, response_mask: torch.Tensor, k: int,
+                  temperature: float = 1.0) -> SparseTargets:
+    """What the cache stores of ``[B, T, V]`` teacher logits: top ``k`` and tail mass per response position."""
+    vocab = teacher_logits.shape[-1]
+    predicting = response_mask[:, 1:].bool()
+    logprobs = F.log_softmax(teacher_logits[:, :-1][predicting].float() / temperature, dim=-1)
+    top, ids = logprobs.topk(min(k, vocab), dim=-1)
+    tail = torch.logsumexp(logprobs.scatter(-1, ids, float("-inf")), dim=-1)
+    return SparseTargets(ids, top.clamp(min=LOGPROB_FLOOR), tail.clamp(min=LOGPROB_FLOOR) if k < vocab else tail,
+                         vocab)
+
+
+def _bucket_divergence(student_logits: torch.Tensor, ids: torch.Tensor, teacher: torch.Tensor, kind: LossType,
+                       temperature: float, beta: float) -> torch.Tensor:
+    """Per-position divergence over ``k`` (+1 tail) buckets: the teacher's top-k tokens and, when
+    ``teacher`` has a column more than ``ids``, everything else as one bucket."""
+    s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    s_buckets = s.gather(-1, ids)
+    if teacher.shape[-1] > ids.shape[-1]:
+        s_buckets = torch.cat([s_buckets, torch.logsumexp(s.scatter(-1, ids, float("-inf")), -1, keepdim=True)], -1)
+    # Renormalise: float16 storage leaves the stored buckets summing to 1 only within ~1e-3.
+    return _divergence_of_logprobs(s_buckets, F.log_softmax(teacher.float(), dim=-1), kind, beta)
+
+
+def sparse_distill_loss(student_logits: torch.Tensor, targets: SparseTargets, response_mask: torch.Tensor,
+                        kind: LossType = "forward_kl", temperature: float = 1.0, beta: float = 0.5,
+                        chunk_tokens: int | None = 1024) -> torch.Tensor:
+    """:func:`distill_loss` against a cached teacher: the divergence between teacher and student
+    distributions coarsened to ``k + 1`` buckets (the teacher's top ``k`` tokens, and the rest as
+    one). Every divergence of ``LossType`` is defined on buckets; each is at most its dense value
+    (coarsening never increases a divergence) and equals it when ``k`` is the vocabulary."""
+    if student_logits.shape[-1] != targets.vocab:
+        raise VocabularyMismatchError(f"student logits are {student_logits.shape[-1]} wide but the cached teacher "
+                                      f"covered {targets.vocab} tokens; slice to the cache's vocab first")
+    predicting = response_mask[:, 1:].bool()
+    student = student_logits[:, :-1][predicting]
+    count = student.shape[0]
+    if count != targets.ids.shape[0]:
+        raise ValueError(f"the cache holds {targets.ids.shape[0]} teacher positions for this batch but it has "
+                         f"{count} response positions: the cache was built with another tokenizer or chat template")
+    if count == 0:
+        return student_logits.sum() * 0.0
+    device = student.device
+    ids = targets.ids.to(device, torch.int64)
+    teacher = targets.logprobs.to(device, torch.float32)
+    if targets.k < targets.vocab:
+        teacher = torch.cat([teacher, targets.tail.to(device, torch.float32)[:, None]], -1)
+    step = count if chunk_tokens is None else chunk_tokens
+    total = student.new_zeros((), dtype=torch.float32)
+    for lo in range(0, count, step):
+        args = (student[lo:lo + step], ids[lo:lo + step], teacher[lo:lo + step], kind, temperature, beta)
+        if step < count and student.requires_grad:
+            part = checkpoint(_bucket_divergence, *args, use_reentrant=False)
+        else:
+            part = _bucket_divergence(*args)
         total = total + part.sum()
     return total / count * temperature ** 2
 

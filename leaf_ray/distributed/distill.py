@@ -1,7 +1,8 @@
 """Stage 2 at scale: Ray Train runs :func:`leaf_ray.distillation.loop.train` on a group of workers.
 
 The driver reads the variant's training set and hands it to
-:class:`~ray.train.torch.TorchTrainer` as Ray Datasets. Each worker loads the teacher and
+:class:`~ray.train.torch.TorchTrainer` as Ray Datasets. Each worker loads the teacher (or,
+with ``teacher: cache``, reads the teacher cache of the training set instead) and
 the student, restores the newest checkpoint if there is one
 (:func:`checkpoints_newest_first`), wraps the student (DDP through ``prepare_model``, or
 FSDP2, :mod:`leaf_ray.distillation.parallel`), and calls ``train`` with
@@ -33,9 +34,11 @@ from leaf_ray.config import DistillationConfig, PipelineConfig
 from leaf_ray.data import Record, TrainingPair
 from leaf_ray.detection.store import read_training_set
 from leaf_ray.distillation.loop import split_validation, train
+from leaf_ray.distillation.teacher_cache import cache_folder, check_cache
 from leaf_ray.distillation.variants import variant_config
 from leaf_ray.distributed.capacity import check_capacity
 from leaf_ray.files import claim_folder, folder_lock, write_text_atomically
+from leaf_ray.models import model_fingerprint, shared_vocab_of
 
 # Fault injection for recovery tests: set in the driver's environment, the rank-0 worker
 # dies once, at this step.
@@ -52,6 +55,8 @@ class DistillationRun:
     data_dir: str  # a training set (leaf_ray/detection/store.py)
     output_dir: str  # ray_train/, metrics.jsonl, model/, export.json
     name: str
+    teacher_cache: str | None = None  # with distillation.teacher: cache, the folder workers read instead
+
 
     @classmethod
     def for_variant(cls, pipeline: PipelineConfig, variant: str, data_dir: str | Path) -> DistillationRun:
@@ -59,13 +64,15 @@ class DistillationRun:
         config, changes = variant_config(pipeline.distillation, variant)
         for change in changes:
             print(f"[leaf-ray] variant {variant}: {change}", flush=True)
+        cache = str(cache_folder(data_dir)) if config.teacher == "cache" else None
         return cls(config, pipeline.teacher, pipeline.student, str(data_dir),
-                   str(pipeline.layout.distill(variant)), f"{pipeline.name}-{variant}")
+                   str(pipeline.layout.distill(variant)), f"{pipeline.name}-{variant}", cache)
 
     def resolved(self) -> DistillationRun:
         """Absolute paths: Ray Train workers do not run in the driver's working directory."""
         return replace(self, **{key: str(Path(getattr(self, key)).resolve())
-                                for key in ("teacher", "student", "data_dir", "output_dir")})
+                                for key in ("teacher", "student", "data_dir", "output_dir", "teacher_cache")
+                                if getattr(self, key) is not None})
 
 
 def pair_to_row(pair: TrainingPair) -> dict[str, str]:
@@ -82,6 +89,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """One Ray Train worker: load, restore, wrap, then :func:`train` with a checkpointing report."""
     from leaf_ray.distillation.losses import shared_vocab_size
     from leaf_ray.distillation.parallel import bare_model, full_training_state, shard_student
+    from leaf_ray.distillation.teacher_cache import TeacherCache
     from leaf_ray.models import load_model
 
     config = DistillationConfig.model_validate(loop_config["distillation"])
@@ -91,9 +99,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     torch.manual_seed(config.seed)
 
     device = ray.train.torch.get_device()
-    teacher, teacher_tokenizer = load_model(loop_config["teacher"], device=str(device))
     student, tokenizer = load_model(loop_config["student"], device=str(device))
-    vocab = shared_vocab_size(teacher_tokenizer, tokenizer, teacher.config.vocab_size, student.config.vocab_size)
+    if config.teacher == "cache":  # the teacher's top-k log-probs, never the teacher itself
+        teacher = TeacherCache(loop_config["teacher_cache"])
+        vocab = teacher.vocab
+    else:
+        teacher, teacher_tokenizer = load_model(loop_config["teacher"], device=str(device))
+        vocab = shared_vocab_size(teacher_tokenizer, tokenizer, teacher.config.vocab_size, student.config.vocab_size)
 
     # Every worker reads the whole (text-only) pair list and draws its own stream from it:
     # sampling with replacement, reproducible per rank, with no dependence on how Ray
@@ -170,16 +182,21 @@ def checkpoints_newest_first(folder: Path) -> list[Path]:
     return sorted(steps, key=lambda directory: (steps[directory], directory.name), reverse=True)
 
 
-def check_vocabularies(run: DistillationRun) -> None:
-    """Refuse a teacher and student whose tokenizers differ before any Ray worker starts
-    (the workers would fail the same way, later and in a worker's log)."""
-    from transformers import AutoConfig, AutoTokenizer
+def check_teacher(run: DistillationRun) -> None:
+    """Before any Ray worker starts (they would fail the same way, later and in a worker's log):
+    refuse a teacher whose tokenizer differs from the student's, or a cache that was built for
+    another tokenizer, temperature or teacher. A teacher that is not on this node (training
+    nodes need not hold it) cannot be compared: the cache's own record of it stands."""
+    if run.teacher_cache is None:
+        shared_vocab_of(run.teacher, run.student)
+        return
+    from transformers import AutoTokenizer
 
-    from leaf_ray.distillation.losses import shared_vocab_size
-
-    shared_vocab_size(AutoTokenizer.from_pretrained(run.teacher), AutoTokenizer.from_pretrained(run.student),
-                      AutoConfig.from_pretrained(run.teacher).vocab_size,
-                      AutoConfig.from_pretrained(run.student).vocab_size)
+    on_this_node = Path(run.teacher).is_dir()
+    if not on_this_node:
+        print(f"[leaf-ray] teacher {run.teacher} is not on this node: trusting the cache's record of it", flush=True)
+    check_cache(run.teacher_cache, AutoTokenizer.from_pretrained(run.student), run.config.temperature,
+                model_fingerprint(run.teacher) if on_this_node else None)
 
 
 def read_history(log: Path) -> list[dict[str, Any]]:
@@ -218,20 +235,25 @@ def run_distillation(run: DistillationRun) -> dict[str, Any]:
         return json.loads(done.read_text())
     with folder_lock(output):  # a second run on this folder refuses instead of mixing checkpoints
         started = time.perf_counter()
-        check_vocabularies(run)
+        check_teacher(run)
         train_pairs, validation = split_validation(read_training_set(Path(run.data_dir)), config.validation_fraction,
                                                    config.validation_max_records)
         if not train_pairs:
             raise ValueError(f"no training pairs in {run.data_dir}")
         rows = {split: [pair_to_row(p) for p in pairs]
                 for split, pairs in (("train", train_pairs), ("validation", validation)) if pairs}
-        claim_folder(output, run_fingerprint(config, rows))
+        fingerprint = run_fingerprint(config, rows)
+        if run.teacher_cache is not None:  # checkpoints are only valid for the cache they learned from
+            fingerprint["teacher_cache"] = hashlib.sha256(
+                (Path(run.teacher_cache) / "fingerprint.json").read_bytes()).hexdigest()[:16]
+        claim_folder(output, fingerprint)
         worker = config.resources.bundle() if config.use_gpu else {"CPU": config.resources.num_cpus}
         check_capacity(worker, config.num_workers, "distillation.resources / distillation.num_workers")
         datasets = {split: ray.data.from_items(split_rows) for split, split_rows in rows.items()}
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={"distillation": config.model_dump(), "teacher": run.teacher, "student": run.student,
+                               "teacher_cache": run.teacher_cache,
                                "output_dir": str(output), "checkpoints": str(output / "ray_train" / run.name),
                                "datasets": list(datasets),
                                "fail_at_step": int(os.environ.get(FAIL_AT_STEP_ENV, "0"))},

@@ -1,9 +1,11 @@
 """The whole LeaF run on Ray, stage by stage (what ``make demo`` and jobs/pipeline.py run).
 
-    prepare -> score (Ray Data) -> [score_response] -> verify (optional, vLLM) -> distill each
-    variant (Ray Train) -> evaluate -> serve the LeaF student and query it (Ray Serve + vLLM) -> report
+    prepare -> score (Ray Data) -> [score_response] -> verify (optional, vLLM) -> [teacher_cache (Ray Data)]
+    -> distill each variant (Ray Train) -> evaluate -> serve the LeaF student and query it (Ray Serve + vLLM)
+    -> report
 
-``score_response`` runs when a variant trains on reasoning-prefix pairs (leaf_instr_resp).
+``score_response`` runs when a variant trains on reasoning-prefix pairs (leaf_instr_resp);
+``teacher_cache`` when distillation reads the teacher's cached top-k (``distillation.teacher: cache``).
 
 Every stage reads and writes the run folder (:class:`leaf_ray.config.RunLayout`) and is
 skipped when its output is already complete, so rerunning the same config after a failure
@@ -76,6 +78,15 @@ def run_pipeline(config: PipelineConfig, config_path: str | None = None) -> dict
                 report[name.replace("verify", "verification")] = run_verification(config, response_pass)
 
     variants = config.variants
+    if config.distillation is not None and config.distillation.teacher == "cache":
+        from leaf_ray.distributed.teacher_cache import run_teacher_cache
+
+        with clock.stage("teacher_cache") as entry:
+            folders = sorted({training_set(config, variant) for variant in variants})
+            report["teacher_cache"] = {str(folder.relative_to(layout.root)): run_teacher_cache(config, folder)
+                                       for folder in folders}
+            entry["skipped"] = all(s["this_run"]["records"] == 0 for s in report["teacher_cache"].values())
+
     if config.distillation is not None:
         from leaf_ray.distributed.distill import DistillationRun, run_distillation
 

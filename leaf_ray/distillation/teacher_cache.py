@@ -1,0 +1,176 @@
+"""The teacher-logit cache: the teacher's top-k log-probabilities at every response position of
+a training set, computed once, so that distillation runs without the teacher.
+
+A cache covers every record of one training set (originals and counterfactuals) and lives
+beside it, in ``<training set>/teacher_cache/``::
+
+    logits/part-<batch>.parquet   per record: key, positions, ids (list<int32>, positions * k, row-major),
+                                  logprobs (list<float16>, the same shape), tail (list<float16>, one per position)
+    _done/<batch>.json            the batch's keys, written last (a batch without one is redone)
+    fingerprint.json              what built it: teacher, tokenizer, k, temperature, vocab, leaf-ray version
+    summary.json                  written when every record is in: records, positions, bytes per position
+
+A record's key is a hash of what the teacher saw (instruction, response, ``target_start``), so
+a pair at both levels, or two variants' identical counterfactuals, share one entry. Positions
+follow :func:`leaf_ray.distillation.losses.response_positions`: the positions that predict a
+learned token, in order. ``k`` is stored log-probs per position; the tail is the log of the
+mass on every other token (``-inf`` when ``k`` covers the vocabulary).
+
+Plain PyTorch/transformers; :mod:`leaf_ray.distributed.teacher_cache` runs it on Ray Data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from leaf_ray.data import Record, TrainingPair, encode_for_training, render_sample
+from leaf_ray.distillation.losses import SparseTargets, teacher_top_k
+
+PART_SCHEMA = pa.schema([("key", pa.string()), ("positions", pa.int32()), ("ids", pa.list_(pa.int32())),
+                         ("logprobs", pa.list_(pa.float16())), ("tail", pa.list_(pa.float16()))])
+# Bytes a cached position costs: k int32 ids and float16 log-probs, and a float16 tail.
+BYTES_PER_ID, BYTES_PER_LOGPROB, BYTES_PER_TAIL = 4, 2, 2
+
+
+def cache_folder(training_set: str | Path) -> Path:
+    """Where the cache of a training set lives: beside its originals and counterfactuals."""
+    return Path(training_set) / "teacher_cache"
+
+
+def record_key(record: Record) -> str:
+    """What the teacher saw of a record: the same text and learned part give the same key."""
+    text = json.dumps([record.instruction, record.response, record.target_start], ensure_ascii=False)
+    return hashlib.sha1(text.encode()).hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Token ids and chat template: a cache's positions and ids are only valid for both."""
+    identity = {"vocab": sorted(tokenizer.get_vocab().items()), "chat_template": tokenizer.chat_template,
+                "special": tokenizer.all_special_tokens}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def training_set_records(pairs: Sequence[TrainingPair]) -> dict[str, Record]:
+    """Every record a run on these pairs can show the teacher, by key."""
+    return {record_key(r): r for p in pairs for r in (p.original, *p.counterfactuals)}
+
+
+def length_batches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
+    """Indices grouped, shortest first, so that each padded batch holds at most ``max_tokens``
+    (a longer record is a batch of its own)."""
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for index in sorted(range(len(lengths)), key=lengths.__getitem__):
+        if current and lengths[index] * (len(current) + 1) > max_tokens:
+            batches.append(current)
+            current = []
+        current.append(index)
+    return batches + [current] if current else batches
+
+
+@torch.no_grad()
+def cache_rows(teacher, tokenizer, records: Sequence[Record], k: int, temperature: float, vocab: int,
+               max_tokens_per_batch: int = 8192) -> list[dict[str, Any]]:
+    """The cache's rows for ``records``: the teacher's top ``k`` over the first ``vocab`` logits at
+    each response position, at ``temperature``, rendered with ``tokenizer`` (the student's: the
+    one distillation renders with)."""
+    device = next(teacher.parameters()).device
+    lengths = [len(render_sample(tokenizer, r.instruction, r.response).input_ids) for r in records]
+    rows: list[dict[str, Any]] = []
+    for batch_indices in length_batches(lengths, max_tokens_per_batch):
+        chunk = [records[i] for i in batch_indices]
+        batch = encode_for_training(tokenizer, chunk)
+        logits = teacher(input_ids=batch["input_ids"].to(device),
+                         attention_mask=batch["attention_mask"].to(device)).logits[..., :vocab]
+        targets = teacher_top_k(logits, batch["target_mask"].to(device), k, temperature)
+        counts = batch["target_mask"][:, 1:].sum(1).tolist()
+        ids = targets.ids.int().cpu().numpy()
+        logprobs = targets.logprobs.half().cpu().numpy()
+        tail = targets.tail.half().cpu().numpy()
+        at = 0
+        for record, count in zip(chunk, counts):
+            rows.append({"key": record_key(record), "positions": count, "ids": ids[at:at + count].ravel(),
+                         "logprobs": logprobs[at:at + count].ravel(), "tail": tail[at:at + count]})
+            at += count
+    return rows
+
+
+def write_part(path: Path, rows: list[dict[str, Any]]) -> None:
+    columns = {name: [row[name] for row in rows] for name in PART_SCHEMA.names}
+    pq.write_table(pa.table(columns, schema=PART_SCHEMA), path)
+
+
+class TeacherCacheError(ValueError):
+    """A cache that cannot stand in for this run's teacher."""
+
+
+def finished_cache(folder: str | Path) -> dict[str, Any]:
+    """The fingerprint of a finished cache (every record in); a clear error otherwise."""
+    folder = Path(folder)
+    if not (folder / "summary.json").exists():
+        raise TeacherCacheError(f"{folder} holds no finished teacher cache (no summary.json): build it first "
+                                "(jobs/teacher_cache.py, or the pipeline's teacher_cache stage)")
+    return json.loads((folder / "fingerprint.json").read_text())
+
+
+def check_cache(folder: str | Path, tokenizer, temperature: float, teacher_fingerprint: str | None = None) -> None:
+    """Refuse a cache built for another tokenizer, temperature or (when known) teacher."""
+    built = finished_cache(folder)
+    problems = []
+    if tokenizer_fingerprint(tokenizer) != built["tokenizer"]:
+        problems.append("the student's tokenizer or chat template is not the one the cache was built with")
+    if temperature != built["temperature"]:
+        problems.append(f"distillation.temperature is {temperature}, the cache holds log-probs at "
+                        f"{built['temperature']}")
+    if teacher_fingerprint is not None and teacher_fingerprint != built["teacher"]:
+        problems.append(f"the teacher ({teacher_fingerprint}) is not the one that built the cache ({built['teacher']})")
+    if problems:
+        raise TeacherCacheError(f"teacher cache {folder} does not match this run: {'; '.join(problems)}. "
+                                "Delete it to rebuild it, or distil with teacher: online")
+
+
+class TeacherCache:
+    """A finished cache folder, in memory: what a distillation worker holds instead of the teacher.
+
+    ``targets(records)`` gives the teacher's :class:`SparseTargets` for a batch, rows in the
+    batch's order, as :func:`leaf_ray.distillation.losses.sparse_distill_loss` wants them.
+    """
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        self.vocab = int(finished_cache(self.folder)["vocab"])
+        self.entries: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        for path in sorted((self.folder / "logits").glob("part-*.parquet")):
+            table = pq.read_table(path)
+            keys, counts = table.column("key").to_pylist(), table.column("positions").to_pylist()
+            columns = (_lists(table.column(name)) for name in ("ids", "logprobs", "tail"))
+            for key, count, ids, logprobs, tail in zip(keys, counts, *columns):
+                self.entries[key] = (torch.from_numpy(ids.reshape(count, -1)),
+                                     torch.from_numpy(logprobs.reshape(count, -1)), torch.from_numpy(tail))
+
+    def targets(self, records: Sequence[Record]) -> SparseTargets:
+        try:
+            entries = [self.entries[record_key(r)] for r in records]
+        except KeyError:
+            missing = next(r.id for r in records if record_key(r) not in self.entries)
+            raise TeacherCacheError(f"record {missing!r} is not in the teacher cache {self.folder}: the training "
+                                    "set changed after the cache was built; delete the cache to rebuild it") from None
+        ids, logprobs, tail = (torch.cat([entry[i] for entry in entries]) for i in range(3))
+        return SparseTargets(ids, logprobs, tail, self.vocab)
+
+
+def _lists(column: pa.ChunkedArray) -> list[np.ndarray]:
+    """A list column as one numpy array per row, without a Python object per value."""
+    array = column.combine_chunks()
+    values = array.values.to_numpy(zero_copy_only=False).copy()  # writable, for torch
+    offsets = array.offsets.to_numpy()
+    return [values[lo:hi] for lo, hi in zip(offsets[:-1], offsets[1:])]

@@ -1,0 +1,100 @@
+"""The teacher-logit cache's core (no Ray): rows built in length-sorted batches give the loss the
+online teacher gives on the training batch, and a cache refuses what it was not built for.
+The Ray Data job and a Ray Train run from the cache are in test_distill_job.py."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from leaf_ray.config import DistillationConfig
+from leaf_ray.data import Record
+from leaf_ray.distillation.loop import branch_loss, encode_branch
+from leaf_ray.distillation.losses import sparse_distill_loss, teacher_top_k
+from leaf_ray.distillation.teacher_cache import (
+    TeacherCache,
+    TeacherCacheError,
+    cache_rows,
+    check_cache,
+    tokenizer_fingerprint,
+    write_part,
+)
+from tests.conftest import tiny_llama
+
+# Real text shapes: LaTeX, code, newlines, unicode; a response-level record learns only after its prefix.
+RECORDS = [
+    Record("latex", "Solve $\\frac{x}{2} = 3$.", "We get $x = 6$, so \\boxed{6}."),
+    Record("code", "Fix:\n```python\ndef f(x):\n    return x+1\n```", "```python\ndef f(x):\n    return x + 1\n```"),
+    Record("unicode", "naïve café, 東京 🙂 — how many?", "Step 1: count.\nStep 2: 7.", target_start=15),
+    Record("short", "ann has 3 . ann gets 4 more .", "7"),
+    Record("lines", "a\n\nb\n", "one\ntwo\nthree\n"),
+]
+
+
+def write_cache(folder, rows, tokenizer, vocab, temperature=1.0, teacher="teacher-fp"):
+    """A finished cache folder as the Ray job leaves it (the job itself is tested on Ray)."""
+    (folder / "logits").mkdir(parents=True)
+    write_part(folder / "logits" / "part-0.parquet", rows)
+    (folder / "fingerprint.json").write_text(json.dumps({
+        "teacher": teacher, "tokenizer": tokenizer_fingerprint(tokenizer), "k": len(rows[0]["ids"]) // rows[0]["positions"],
+        "temperature": temperature, "vocab": vocab}))
+    (folder / "summary.json").write_text("{}")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def student(byte_tokenizer):
+    return tiny_llama(len(byte_tokenizer), seed=5)
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
+def test_a_full_vocabulary_cache_gives_the_online_teachers_loss(tmp_path, byte_tokenizer, byte_model, student, kind):
+    vocab = len(byte_tokenizer)
+    # Batches of at most 160 padded tokens, sorted by length: other padding and order than the training batch.
+    rows = cache_rows(byte_model, byte_tokenizer, RECORDS, k=vocab, temperature=1.5, vocab=vocab,
+                      max_tokens_per_batch=160)
+    cache = TeacherCache(write_cache(tmp_path / "cache", rows, byte_tokenizer, vocab, temperature=1.5))
+    config = DistillationConfig(loss=kind, temperature=1.5, loss_chunk_tokens=7)
+    batch = encode_branch(byte_tokenizer, RECORDS)
+    online = branch_loss(student, byte_model, batch, config, vocab)
+    cached = branch_loss(student, cache, batch, config, vocab)
+    assert cached.requires_grad
+    assert cached.item() == pytest.approx(online.item(), rel=2e-3)  # float16 log-probs
+
+
+def test_a_top_k_cache_gives_the_sparse_loss_of_the_teachers_logits(tmp_path, byte_tokenizer, byte_model, student):
+    vocab = len(byte_tokenizer)
+    rows = cache_rows(byte_model, byte_tokenizer, RECORDS, k=8, temperature=1.0, vocab=vocab, max_tokens_per_batch=160)
+    assert [row["positions"] * 8 for row in rows] == [len(row["ids"]) for row in rows]
+    cache = TeacherCache(write_cache(tmp_path / "cache", rows, byte_tokenizer, vocab))
+    batch = encode_branch(byte_tokenizer, list(reversed(RECORDS)))
+    with torch.no_grad():
+        logits = byte_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        student_logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    expected = sparse_distill_loss(student_logits, teacher_top_k(logits, batch["target_mask"], 8), batch["target_mask"])
+    got = sparse_distill_loss(student_logits, cache.targets(batch["records"]), batch["target_mask"])
+    assert got.item() == pytest.approx(expected.item(), rel=2e-3)
+    # The response-level record caches only the positions after its prefix.
+    assert cache.targets([RECORDS[2]]).ids.shape[0] == int(encode_branch(byte_tokenizer, [RECORDS[2]])["target_mask"].sum())
+
+
+def test_a_cache_refuses_another_tokenizer_temperature_teacher_or_record(tmp_path, byte_tokenizer, metaspace_tokenizer,
+                                                                        byte_model):
+    vocab = len(byte_tokenizer)
+    rows = cache_rows(byte_model, byte_tokenizer, RECORDS[:2], k=4, temperature=1.0, vocab=vocab)
+    folder = write_cache(tmp_path / "cache", rows, byte_tokenizer, vocab, teacher="abc")
+    check_cache(folder, byte_tokenizer, 1.0, "abc")
+    check_cache(folder, byte_tokenizer, 1.0, None)  # the teacher is not on this node: the cache's record stands
+    with pytest.raises(TeacherCacheError, match="tokenizer or chat template"):
+        check_cache(folder, metaspace_tokenizer, 1.0)
+    with pytest.raises(TeacherCacheError, match="distillation.temperature is 2.0"):
+        check_cache(folder, byte_tokenizer, 2.0)
+    with pytest.raises(TeacherCacheError, match="the teacher \\(xyz\\) is not the one"):
+        check_cache(folder, byte_tokenizer, 1.0, "xyz")
+    with pytest.raises(TeacherCacheError, match="'short' is not in the teacher cache"):
+        TeacherCache(folder).targets([RECORDS[0], RECORDS[3]])
+    (folder / "summary.json").unlink()  # a build that did not finish
+    with pytest.raises(TeacherCacheError, match="no finished teacher cache"):
+        TeacherCache(folder)
