@@ -4,7 +4,6 @@ The Ray Data job and a Ray Train run from the cache are in test_distill_job.py."
 
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch
@@ -19,7 +18,7 @@ from leaf_ray.distillation.teacher_cache import (
     cache_rows,
     check_cache,
     tokenizer_fingerprint,
-    write_part,
+    write_cache,
 )
 from tests.conftest import tiny_llama
 
@@ -33,15 +32,9 @@ RECORDS = [
 ]
 
 
-def write_cache(folder, rows, tokenizer, vocab, temperature=1.0, teacher="teacher-fp"):
-    """A finished cache folder as the Ray job leaves it (the job itself is tested on Ray)."""
-    (folder / "logits").mkdir(parents=True)
-    write_part(folder / "logits" / "part-0.parquet", rows)
-    (folder / "fingerprint.json").write_text(json.dumps({
-        "teacher": teacher, "tokenizer": tokenizer_fingerprint(tokenizer), "k": len(rows[0]["ids"]) // rows[0]["positions"],
-        "temperature": temperature, "vocab": vocab}))
-    (folder / "summary.json").write_text("{}")
-    return folder
+def cache_of(folder, rows, tokenizer, vocab, temperature=1.0, teacher="teacher-fp"):
+    return write_cache(folder, rows, {"teacher": teacher, "tokenizer": tokenizer_fingerprint(tokenizer),
+                                      "temperature": temperature, "vocab": vocab})
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +48,7 @@ def test_a_full_vocabulary_cache_gives_the_online_teachers_loss(tmp_path, byte_t
     # Batches of at most 160 padded tokens, sorted by length: other padding and order than the training batch.
     rows = cache_rows(byte_model, byte_tokenizer, RECORDS, k=vocab, temperature=1.5, vocab=vocab,
                       max_tokens_per_batch=160)
-    cache = TeacherCache(write_cache(tmp_path / "cache", rows, byte_tokenizer, vocab, temperature=1.5))
+    cache = TeacherCache(cache_of(tmp_path / "cache", rows, byte_tokenizer, vocab, temperature=1.5))
     config = DistillationConfig(loss=kind, temperature=1.5, loss_chunk_tokens=7)
     batch = encode_branch(byte_tokenizer, RECORDS)
     online = branch_loss(student, byte_model, batch, config, vocab)
@@ -68,7 +61,7 @@ def test_a_top_k_cache_gives_the_sparse_loss_of_the_teachers_logits(tmp_path, by
     vocab = len(byte_tokenizer)
     rows = cache_rows(byte_model, byte_tokenizer, RECORDS, k=8, temperature=1.0, vocab=vocab, max_tokens_per_batch=160)
     assert [row["positions"] * 8 for row in rows] == [len(row["ids"]) for row in rows]
-    cache = TeacherCache(write_cache(tmp_path / "cache", rows, byte_tokenizer, vocab))
+    cache = TeacherCache(cache_of(tmp_path / "cache", rows, byte_tokenizer, vocab))
     batch = encode_branch(byte_tokenizer, list(reversed(RECORDS)))
     with torch.no_grad():
         logits = byte_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -84,7 +77,7 @@ def test_a_cache_refuses_another_tokenizer_temperature_teacher_or_record(tmp_pat
                                                                         byte_model):
     vocab = len(byte_tokenizer)
     rows = cache_rows(byte_model, byte_tokenizer, RECORDS[:2], k=4, temperature=1.0, vocab=vocab)
-    folder = write_cache(tmp_path / "cache", rows, byte_tokenizer, vocab, teacher="abc")
+    folder = cache_of(tmp_path / "cache", rows, byte_tokenizer, vocab, teacher="abc")
     check_cache(folder, byte_tokenizer, 1.0, "abc")
     check_cache(folder, byte_tokenizer, 1.0, None)  # the teacher is not on this node: the cache's record stands
     with pytest.raises(TeacherCacheError, match="tokenizer or chat template"):

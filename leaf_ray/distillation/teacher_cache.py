@@ -109,6 +109,16 @@ def write_part(path: Path, rows: list[dict[str, Any]]) -> None:
     pq.write_table(pa.table(columns, schema=PART_SCHEMA), path)
 
 
+def write_cache(folder: str | Path, rows: list[dict[str, Any]], fingerprint: dict[str, Any]) -> Path:
+    """A whole cache written by one process, as one part (the Ray job writes a part per batch)."""
+    folder = Path(folder)
+    (folder / "logits").mkdir(parents=True, exist_ok=True)
+    write_part(folder / "logits" / "part-0.parquet", rows)
+    (folder / "fingerprint.json").write_text(json.dumps(fingerprint, indent=2) + "\n")
+    (folder / "summary.json").write_text(json.dumps({"records": len(rows)}) + "\n")
+    return folder
+
+
 class TeacherCacheError(ValueError):
     """A cache that cannot stand in for this run's teacher."""
 

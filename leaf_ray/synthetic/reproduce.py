@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import statistics
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from leaf_ray.data import iter_records
 from leaf_ray.detection.scorer import PairScorer
 from leaf_ray.distillation.loop import train
 from leaf_ray.distillation.losses import shared_vocab_size
+from leaf_ray.distillation.teacher_cache import TeacherCache, cache_rows, training_set_records, write_cache
 from leaf_ray.distillation.variants import VARIANTS, variant_config, variant_pairs
 from leaf_ray.evaluation import accuracy, attention_mass
 from leaf_ray.models import load_model
@@ -29,7 +31,10 @@ from leaf_ray.synthetic.build import FAMILIES, REASONING_PREFIX_FRACTION
 
 
 def reproduce(embedded: Path, families: list[str], variants: list[str], seeds: list[int],
-              base: DistillationConfig, pruning: PruningConfig, eval_records: int = 300) -> dict[str, Any]:
+              base: DistillationConfig, pruning: PruningConfig, eval_records: int = 300,
+              cache_k: int = 32) -> dict[str, Any]:
+    """The variants' accuracies per family over ``seeds``. With ``base.teacher == "cache"`` each
+    variant trains from a teacher cache of its pairs (top ``cache_k``), built in this process."""
     for family in families:
         if family != "reasoning" and any(VARIANTS[v].response_level for v in variants):
             raise ValueError(f"leaf_instr_resp needs multi-step responses; family {family!r} answers in one "
@@ -72,7 +77,13 @@ def reproduce(embedded: Path, families: list[str], variants: list[str], seeds: l
                         curve.append({"step": metrics["step"],
                                       "conflict_acc_100": measured(student, tests["conflict"][:100])})
 
-                train(student, teacher, student_tokenizer, pairs, config, vocab, report=on_step)
+                source = teacher
+                if config.teacher == "cache":  # from this run's own pairs, as a pipeline run would
+                    rows = cache_rows(teacher, student_tokenizer, list(training_set_records(pairs).values()), cache_k,
+                                      config.temperature, vocab)
+                    with tempfile.TemporaryDirectory() as folder:
+                        source = TeacherCache(write_cache(Path(folder), rows, {"vocab": vocab}))  # read into memory
+                train(student, source, student_tokenizer, pairs, config, vocab, report=on_step)
                 final = {f"{name}_acc": measured(student, records) for name, records in tests.items()}
                 final["attention_mass"] = attention_mass(student, student_tokenizer, tests["conflict"])
                 final["curve"] = curve
