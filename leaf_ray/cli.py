@@ -146,8 +146,9 @@ def distill(config: Annotated[Path, typer.Option(help="Pipeline config with a 'd
 
 @app.command("teacher-cache")
 def teacher_cache(config: Annotated[Path, typer.Option(help="Pipeline config with a 'distillation' section.")],
-                  variant: Annotated[str | None, typer.Option(help="Whose training set; default: distillation.variant.")]
-                  = None) -> None:
+                  variant: Annotated[str | None,
+                                     typer.Option(help="Whose training set; default: distillation.variant.")] = None,
+                  ) -> None:
     """Cache the teacher's top-k log-probs with Ray Data (resumable); the same as jobs/teacher_cache.py."""
     import ray
 

@@ -76,4 +76,5 @@ def shared_vocab_of(teacher: str | Path, student: str | Path) -> int:
     from leaf_ray.distillation.losses import shared_vocab_size
 
     return shared_vocab_size(AutoTokenizer.from_pretrained(teacher), AutoTokenizer.from_pretrained(student),
-                             AutoConfig.from_pretrained(teacher).vocab_size, AutoConfig.from_pretrained(student).vocab_size)
+                             AutoConfig.from_pretrained(teacher).vocab_size,
+                             AutoConfig.from_pretrained(student).vocab_size)

@@ -4,6 +4,7 @@ The Ray Data job and a Ray Train run from the cache are in test_distill_job.py."
 
 from __future__ import annotations
 
+from dataclasses import replace
 
 import pytest
 import torch
@@ -33,7 +34,8 @@ RECORDS = [
 
 
 def cache_of(folder, rows, tokenizer, vocab, temperature=1.0, teacher="teacher-fp"):
-    return write_cache(folder, rows, {"teacher": teacher, "tokenizer": tokenizer_fingerprint(tokenizer),
+    k = len(rows[0]["ids"]) // rows[0]["positions"]
+    return write_cache(folder, rows, {"teacher": teacher, "tokenizer": tokenizer_fingerprint(tokenizer), "k": k,
                                       "temperature": temperature, "vocab": vocab})
 
 
@@ -70,7 +72,9 @@ def test_a_top_k_cache_gives_the_sparse_loss_of_the_teachers_logits(tmp_path, by
     got = sparse_distill_loss(student_logits, cache.targets(batch["records"]), batch["target_mask"])
     assert got.item() == pytest.approx(expected.item(), rel=2e-3)
     # The response-level record caches only the positions after its prefix.
-    assert cache.targets([RECORDS[2]]).ids.shape[0] == int(encode_branch(byte_tokenizer, [RECORDS[2]])["target_mask"].sum())
+    learned = int(encode_branch(byte_tokenizer, [RECORDS[2]])["target_mask"].sum())
+    whole = int(encode_branch(byte_tokenizer, [replace(RECORDS[2], target_start=0)])["target_mask"].sum())
+    assert cache.targets([RECORDS[2]]).ids.shape[0] == learned < whole
 
 
 def test_a_cache_refuses_another_tokenizer_temperature_teacher_or_record(tmp_path, byte_tokenizer, metaspace_tokenizer,

@@ -211,8 +211,9 @@ def train(model, teacher, tokenizer, pairs: Sequence[TrainingPair], config: Dist
     """Distil for ``max_steps`` optimizer steps of ``batch_size`` pairs split over ``world`` workers.
 
     ``model`` is the student, possibly wrapped by DDP or sharded by FSDP; ``teacher`` is a
-    model, frozen here, or a :class:`TeacherCache`. ``resume`` is a training state an earlier call's checkpoint saved (full
-    optimizer state, schedule, step): the run continues at the next step with the same data,
+    model, frozen here, or a :class:`TeacherCache`. ``resume`` is a training state an earlier
+    call's checkpoint saved (full optimizer state, schedule, step): the run continues at the
+    next step with the same data,
     because rank ``r``'s batches come from a generator seeded by ``(seed, r)`` that is
     replayed to the step. ``report(metrics, state)`` is called after every step on every
     worker; ``state`` holds the model, optimizer and schedule a checkpoint needs. Validation

@@ -22,6 +22,7 @@ Plain PyTorch/transformers; :mod:`leaf_ray.distributed.teacher_cache` runs it on
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -157,15 +158,17 @@ class TeacherCache:
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
-        self.vocab = int(finished_cache(self.folder)["vocab"])
+        built = finished_cache(self.folder)
+        self.vocab = int(built["vocab"])
+        width = min(int(built["k"]), self.vocab)  # ids per position
         self.entries: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         for path in sorted((self.folder / "logits").glob("part-*.parquet")):
             table = pq.read_table(path)
             keys, counts = table.column("key").to_pylist(), table.column("positions").to_pylist()
             columns = (_lists(table.column(name)) for name in ("ids", "logprobs", "tail"))
             for key, count, ids, logprobs, tail in zip(keys, counts, *columns):
-                self.entries[key] = (torch.from_numpy(ids.reshape(count, -1)),
-                                     torch.from_numpy(logprobs.reshape(count, -1)), torch.from_numpy(tail))
+                self.entries[key] = (torch.from_numpy(ids.reshape(count, width)),
+                                     torch.from_numpy(logprobs.reshape(count, width)), torch.from_numpy(tail))
 
     def targets(self, records: Sequence[Record]) -> SparseTargets:
         try:
@@ -183,4 +186,4 @@ def _lists(column: pa.ChunkedArray) -> list[np.ndarray]:
     array = column.combine_chunks()
     values = array.values.to_numpy(zero_copy_only=False).copy()  # writable, for torch
     offsets = array.offsets.to_numpy()
-    return [values[lo:hi] for lo, hi in zip(offsets[:-1], offsets[1:])]
+    return [values[lo:hi] for lo, hi in itertools.pairwise(offsets)]

@@ -90,7 +90,8 @@ def run_teacher_cache(config: PipelineConfig, training_set: str | Path) -> dict[
         pending = [{"key": key, "record": json.dumps(record.to_dict())}
                    for key, record in sorted(records.items()) if key not in finished]
         if pending:
-            check_capacity(cache.resources.bundle(), cache.num_actors, "teacher_cache.resources / teacher_cache.num_actors")
+            check_capacity(cache.resources.bundle(), cache.num_actors,
+                           "teacher_cache.resources / teacher_cache.num_actors")
             results = ray.data.from_items(pending).map_batches(
                 TeacherCacheActor,
                 fn_constructor_kwargs={"config": config, "output": str(output), "vocab": vocab},

@@ -82,7 +82,7 @@ def reproduce(embedded: Path, families: list[str], variants: list[str], seeds: l
                     rows = cache_rows(teacher, student_tokenizer, list(training_set_records(pairs).values()), cache_k,
                                       config.temperature, vocab)
                     with tempfile.TemporaryDirectory() as folder:
-                        source = TeacherCache(write_cache(Path(folder), rows, {"vocab": vocab}))  # read into memory
+                        source = TeacherCache(write_cache(Path(folder), rows, {"k": cache_k, "vocab": vocab}))  # read into memory
                 train(student, source, student_tokenizer, pairs, config, vocab, report=on_step)
                 final = {f"{name}_acc": measured(student, records) for name, records in tests.items()}
                 final["attention_mass"] = attention_mass(student, student_tokenizer, tests["conflict"])
