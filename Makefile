@@ -51,6 +51,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_scoring.py
 	$(PY) benchmarks/bench_distill.py
+	$(PY) benchmarks/bench_teacher_cache.py
 	$(PY) benchmarks/bench_serve.py
 
 # The embedded benchmark's distillation variants and controls, 3 seeds: simple and hard, then
