@@ -168,7 +168,7 @@ def main() -> None:
         "k": args.k,
         "speedup": round(per_s["cache"] / per_s["online"], 3),
         "tokens_per_s": {mode: round(value, 1) for mode, value in per_s.items()},
-        "teacher_in_workers": {"online": True, "cache": False},
+        "teacher_in_workers": False,  # with the cache; online, every worker loads it
         "worker_peak_rss_gib": rss,
         "cache_build_s": round(build_s, 2),
         "cache_records": len(cache.entries),

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -64,6 +66,10 @@ def test_a_top_k_cache_gives_the_sparse_loss_of_the_teachers_logits(tmp_path, by
     rows = cache_rows(byte_model, byte_tokenizer, RECORDS, k=8, temperature=1.0, vocab=vocab, max_tokens_per_batch=160)
     assert [row["positions"] * 8 for row in rows] == [len(row["ids"]) for row in rows]
     cache = TeacherCache(cache_of(tmp_path / "cache", rows, byte_tokenizer, vocab))
+    part = pq.read_table(tmp_path / "cache" / "logits" / "part-0.parquet")
+    assert part.schema.metadata[b"k"] == b"8"
+    assert part.schema.field("ids").type.value_type == pa.int32()
+    assert part.schema.field("logprobs").type.value_type == pa.float16()
     batch = encode_branch(byte_tokenizer, list(reversed(RECORDS)))
     with torch.no_grad():
         logits = byte_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits

@@ -105,16 +105,17 @@ def cache_rows(teacher, tokenizer, records: Sequence[Record], k: int, temperatur
     return rows
 
 
-def write_part(path: Path, rows: list[dict[str, Any]]) -> None:
+def write_part(path: Path, rows: list[dict[str, Any]], k: int) -> None:
+    """One Parquet part; ``k`` also goes into its schema metadata, for readers of the bare files."""
     columns = {name: [row[name] for row in rows] for name in PART_SCHEMA.names}
-    pq.write_table(pa.table(columns, schema=PART_SCHEMA), path)
+    pq.write_table(pa.table(columns, schema=PART_SCHEMA.with_metadata({"k": str(k)})), path)
 
 
 def write_cache(folder: str | Path, rows: list[dict[str, Any]], fingerprint: dict[str, Any]) -> Path:
     """A whole cache written by one process, as one part (the Ray job writes a part per batch)."""
     folder = Path(folder)
     (folder / "logits").mkdir(parents=True, exist_ok=True)
-    write_part(folder / "logits" / "part-0.parquet", rows)
+    write_part(folder / "logits" / "part-0.parquet", rows, fingerprint["k"])
     (folder / "fingerprint.json").write_text(json.dumps(fingerprint, indent=2) + "\n")
     (folder / "summary.json").write_text(json.dumps({"records": len(rows)}) + "\n")
     return folder

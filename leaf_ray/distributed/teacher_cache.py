@@ -55,7 +55,7 @@ class TeacherCacheActor:
         rows = cache_rows(self.teacher, self.tokenizer, records, **self.settings)
         keys = [str(key) for key in batch["key"]]
         name = batch_name(keys)
-        write_atomically(self.output / "logits" / f"part-{name}.parquet", lambda tmp: write_part(tmp, rows))
+        write_atomically(self.output / "logits" / f"part-{name}.parquet", lambda tmp: write_part(tmp, rows, self.settings["k"]))
         marker = {"keys": keys, "records": len(rows), "positions": sum(row["positions"] for row in rows),
                   "written_by": f"{socket.gethostname()}:{os.getpid()}"}
         write_text_atomically(self.output / "_done" / f"{name}.json", json.dumps(marker))
