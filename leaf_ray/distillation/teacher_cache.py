@@ -11,9 +11,9 @@ beside it, in ``<training set>/teacher_cache/``::
     summary.json                  written when every record is in: records, positions, bytes per position
 
 A record's key is a hash of what the teacher saw (instruction, response, ``target_start``), so
-a pair at both levels, or two variants' identical counterfactuals, share one entry. Positions
-follow :func:`leaf_ray.distillation.losses.response_positions`: the positions that predict a
-learned token, in order. ``k`` is stored log-probs per position; the tail is the log of the
+a record met twice in a training set is one entry. Positions follow
+:func:`leaf_ray.distillation.losses.response_positions`: the positions that predict a learned
+token, in order. ``k`` is stored log-probs per position; the tail is the log of the
 mass on every other token (``-inf`` when ``k`` covers the vocabulary).
 
 Plain PyTorch/transformers; :mod:`leaf_ray.distributed.teacher_cache` runs it on Ray Data.
@@ -177,7 +177,8 @@ class TeacherCache:
         except KeyError:
             missing = next(r.id for r in records if record_key(r) not in self.entries)
             raise TeacherCacheError(f"record {missing!r} is not in the teacher cache {self.folder}: the training "
-                                    "set changed after the cache was built; delete the cache to rebuild it") from None
+                                    "set changed after the cache was built; rerun the teacher_cache stage, which "
+                                    "caches the records it lacks") from None
         ids, logprobs, tail = (torch.cat([entry[i] for entry in entries]) for i in range(3))
         return SparseTargets(ids, logprobs, tail, self.vocab)
 
