@@ -22,6 +22,10 @@ without AVX512-BF16 and slower than float32 there), embedded models, median of `
 
 Tokens counted: the student's rendered tokens of each record. Writes
 benchmarks/results/scoring.json.
+
+Each detection method (``scoring.method``) is also timed on the same hard-family records
+(``detection_methods``: tokens/s, ratio to the gradient norm, sequences per record);
+``--methods-only`` measures only that table and merges it into an existing scoring.json.
 """
 
 from __future__ import annotations
@@ -42,9 +46,10 @@ from leaf_ray.config import (
     ResourcesConfig,
     ScoringConfig,
 )
-from leaf_ray.data import iter_records, render_sample, write_jsonl
+from leaf_ray.data import Record, iter_records, length_batches, render_sample, write_jsonl
+from leaf_ray.detection.detectors import METHODS
 from leaf_ray.detection.scorer import PairScorer, ScoringBatchProcessor
-from leaf_ray.detection.sensitivity import ScoringItem, collate, embedding_grad_norms
+from leaf_ray.detection.sensitivity import ScoringItem, collate, embedding_attributions
 from leaf_ray.models import load_model
 from leaf_ray.synthetic.tasks import make_split
 
@@ -98,11 +103,13 @@ def model_passes_only(scorer: PairScorer, records) -> tuple[callable, int]:
     (the same padded batches, built here beforehand), and the tokens it covers."""
     prepared = [scorer._prepare(r) for r in records]
     batches = [(model, collate([prepared[i].items[m] for i in batch], scorer.config.padding_side))
-               for m, model in enumerate(scorer.models) for batch in scorer._batches(prepared, m)]
+               for m, model in enumerate(scorer.models)
+               for batch in length_batches([len(p.items[m].input_ids) for p in prepared],
+                                           scorer.config.max_tokens_per_batch)]
 
     def run() -> None:
         for model, batch in batches:
-            embedding_grad_norms(model, batch)
+            embedding_attributions(model, batch)
 
     return run, sum(len(p.items[1].input_ids) for p in prepared)
 
@@ -132,6 +139,44 @@ def ours_against_limit(scorer: PairScorer, pruning: PruningConfig, sample, repea
                             "unaccounted": ours_wall - sum(breakdown.values())}}
 
 
+def hard_records(count: int) -> list[Record]:
+    return [Record.from_dict(r) for r in make_split("hard", "distill", count, seed=7)]
+
+
+def detection_methods(teacher, student, tokenizer, records, repeats: int) -> dict:
+    """Per detection method, ``ScoringBatchProcessor`` tokens/s on the same records (median of
+    ``repeats``, float32), its ratio to the gradient norm's, and the sequences each model runs
+    per record (counted by a forward hook: a batch of B rows counts B)."""
+    rows = {"teacher": 0, "student": 0}
+    hooks = [model.register_forward_hook(lambda _m, args, kwargs, _out, who=who: rows.__setitem__(
+        who, rows[who] + (kwargs.get("input_ids") if kwargs.get("input_ids") is not None
+                          else kwargs["inputs_embeds"]).shape[0]), with_kwargs=True)
+             for who, model in (("teacher", teacher), ("student", student))]
+    table = {}
+    try:
+        for method in METHODS:
+            scorer = PairScorer(teacher, tokenizer, student, tokenizer,
+                                ScoringConfig(corpus="-", max_length=512, method=method))
+            walls = []
+            for _ in range(repeats):
+                rows.update(teacher=0, student=0)
+                with tempfile.TemporaryDirectory() as tmp:
+                    start = time.perf_counter()
+                    tokens = ScoringBatchProcessor(scorer, PruningConfig(), tmp)([r.id for r in records],
+                                                                                 records)["tokens"]
+                    walls.append(time.perf_counter() - start)
+            table[method] = {"tokens_per_s": tokens / statistics.median(walls),
+                             "sequences_per_record": {who: n / len(records) for who, n in rows.items()},
+                             "backward": method != "occlusion"}
+    finally:
+        for hook in hooks:
+            hook.remove()
+    for row in table.values():
+        row["speed_vs_grad_norm"] = row["tokens_per_s"] / table["grad_norm"]["tokens_per_s"]
+    return {"family": "hard", "records": len(records), "repeats": repeats, "statistic": "median wall time",
+            "dtype": "float32", "methods": table}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--records", type=int, default=20000, help="corpus size of the Ray vs in-process job")
@@ -139,7 +184,19 @@ def main() -> None:
     parser.add_argument("--baseline-records", type=int, default=300, help="the baseline is slow; a subset suffices")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "scoring.json")
+    parser.add_argument("--methods-only", action="store_true",
+                        help="only the detection methods' table, merged into an existing --output")
+    parser.add_argument("--method-records", type=int, default=500, help="hard-family records per method")
     args = parser.parse_args()
+    if args.methods_only:
+        teacher, tokenizer = load_model(EMBEDDED / "teacher")
+        student, _ = load_model(EMBEDDED / "student")
+        result = json.loads(args.output.read_text()) if args.output.exists() else {}
+        result["detection_methods"] = detection_methods(teacher, student, tokenizer,
+                                                        hard_records(args.method_records), args.repeats)
+        args.output.write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps(result["detection_methods"], indent=2))
+        return
 
     work = Path(tempfile.mkdtemp(prefix="bench-scoring-"))
     corpus = work / "corpus.jsonl"
@@ -214,6 +271,8 @@ def main() -> None:
         "job_includes": "loading both models, scoring, pruning, writing the store; Ray adds starting the actor "
                         "processes",
         "peak_rss_gib_after_scorer": scorer_rss,
+        "detection_methods": detection_methods(teacher, student, tokenizer, hard_records(args.method_records),
+                                               args.repeats),
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2) + "\n")

@@ -73,6 +73,13 @@ class ScoringConfig(StageConfig):
     columns: ColumnMapping = Field(ColumnMapping(), description="Which corpus columns make a record.")
     level: Literal["instruction", "response"] = Field(
         "instruction", description="Score the instruction (prompt), or a prefix of the reasoning.")
+    method: Literal["grad_norm", "grad_x_input", "integrated_gradients", "occlusion"] = Field(
+        "grad_norm", description="How each model's reliance on a unit is measured: the gradient norm (the paper's; "
+                                 "1 pass), |gradient x input| (1 pass), integrated gradients (ig_steps passes), or "
+                                 "occlusion, the loss change when the unit is cut out (1 forward per unit, no "
+                                 "backward). README: 'Choosing a detection method'.")
+    ig_steps: int = Field(8, ge=1, description="Integrated gradients: points on the path from zeroed context "
+                                               "embeddings (forward+backward passes per record).")
     max_length: int = Field(2048, gt=0, description="Records longer than this (tokens) go to errors/.")
     max_tokens_per_batch: int = Field(8192, gt=0, description="Padded tokens per forward+backward.")
     padding_side: Literal["left", "right"] = Field("right",
@@ -109,6 +116,10 @@ class PruningConfig(StageConfig):
     mode: Literal["span", "collective"] = Field(
         "span", description="'span': one counterfactual per contiguous span; 'collective': all spans at once.")
     max_spans: int | None = Field(None, ge=1, description="Keep at most this many spans per record (lowest diff first).")
+    grow_spans: Literal["none", "clause", "sentence"] = Field(
+        "none", description="Extend each flagged unit to the whole clause (ended by . ! ? ; , or a line break) or "
+                            "sentence (. ! ? or a line break) around it, with any detection method; with max_spans, "
+                            "the clauses of the lowest diff are kept.")
     break_at_newlines: bool = Field(True, description="A line break ends a span, so no counterfactual deletes one "
                                                       "(code, multi-line math); false lets spaces and line breaks "
                                                       "alike join two masked units into one span.")

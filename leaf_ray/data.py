@@ -312,6 +312,19 @@ def pad_token_id(tokenizer) -> int:
     return 0
 
 
+def length_batches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
+    """Indices grouped, shortest first, so that each padded batch holds at most ``max_tokens``
+    (a longer record is a batch of its own)."""
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for index in sorted(range(len(lengths)), key=lengths.__getitem__):
+        if current and lengths[index] * (len(current) + 1) > max_tokens:
+            batches.append(current)
+            current = []
+        current.append(index)
+    return batches + [current] if current else batches
+
+
 def pad_batch(rows: Sequence[Sequence[int]], targets: Sequence[Sequence[int]] | None = None, pad_id: int = 0,
               side: str = "right") -> dict[str, Any]:
     """Pad token rows to the longest one (the only padder here).

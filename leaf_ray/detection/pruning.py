@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,7 +39,9 @@ def confounder_mask(scores: UnitScores, config: PruningConfig) -> tuple[np.ndarr
 
     The threshold is taken over the scored population (:attr:`UnitScores.scored`).
     Whitespace and lone backslashes are never confounders. A diff with no spread (one
-    unit, or all equal) carries no signal, so nothing is masked.
+    unit, or all equal) carries no signal, so nothing is masked. ``grow_spans`` then widens
+    the mask to whole clauses (:func:`grow_to_clauses`), and ``max_spans`` keeps the units of
+    the spans with the lowest diff.
     """
     scored = scores.scored
     mask = np.zeros(len(scores.units), dtype=bool)
@@ -47,7 +50,47 @@ def confounder_mask(scores: UnitScores, config: PruningConfig) -> tuple[np.ndarr
         return mask, math.nan
     thr = threshold_value(values, config)
     mask[scored] = values <= thr
-    return mask & scores.maskable, thr
+    mask &= scores.maskable
+    if config.grow_spans != "none":
+        mask = grow_to_clauses(scores.units, mask, config.grow_spans)
+    if config.max_spans is not None:
+        spans = find_spans(scores, mask, config.break_at_newlines, config.grow_spans)
+        mask[:] = False
+        for span in sorted(spans, key=lambda s: s.min_diff)[:config.max_spans]:
+            mask[list(span.units)] = True
+    return mask, thr
+
+
+CLAUSE_ENDS = {"clause": ".!?;,", "sentence": ".!?"}
+
+
+def clause_ids(units: Sequence[Unit], how: str) -> np.ndarray:
+    """Per unit, the index of the clause (or sentence) it belongs to; -1 for line breaks.
+
+    A clause ends after a unit ending in one of ``CLAUSE_ENDS[how]`` that is followed by
+    whitespace or the end of the text, outside brackets (so ``3.5``, ``x,y`` and ``f(x, 2)``
+    stay whole), and at a line break.
+    """
+    ids = np.zeros(len(units), dtype=np.int64)
+    clause = depth = 0
+    for i, unit in enumerate(units):
+        if unit.is_space and unit.has_line_break:
+            ids[i] = -1
+            clause += 1
+            continue
+        ids[i] = clause
+        depth = max(depth + sum(unit.text.count(c) for c in "([{") - sum(unit.text.count(c) for c in ")]}"), 0)
+        following = units[i + 1].text if i + 1 < len(units) else " "
+        if depth == 0 and unit.text.rstrip()[-1:] in CLAUSE_ENDS[how] and following[:1].isspace():
+            clause += 1
+    return ids
+
+
+def grow_to_clauses(units: Sequence[Unit], mask: np.ndarray, how: str) -> np.ndarray:
+    """``mask`` with every maskable unit of each clause that holds a masked unit."""
+    ids = clause_ids(units, how)
+    maskable = np.array([u.is_maskable for u in units], dtype=bool)
+    return mask | (np.isin(ids, ids[mask & (ids >= 0)]) & maskable)
 
 
 @dataclass(frozen=True)
@@ -82,10 +125,14 @@ def joins_spans(unit: Unit, kind: str, break_at_newlines: bool) -> bool:
     return kind == "text" and unit.is_space and not (break_at_newlines and unit.has_line_break)
 
 
-def find_spans(scores: UnitScores, mask: np.ndarray, break_at_newlines: bool = True) -> list[Span]:
-    """Group masked units into spans (see :func:`joins_spans`)."""
+def find_spans(scores: UnitScores, mask: np.ndarray, break_at_newlines: bool = True,
+               clauses: str = "none") -> list[Span]:
+    """Group masked units into spans (see :func:`joins_spans`); with ``clauses`` (a
+    ``grow_spans`` setting) a span also ends where a clause does, so each grown clause is a
+    counterfactual of its own."""
     spans: list[Span] = []
     run: list[int] = []
+    clause_of = clause_ids(scores.units, clauses) if clauses != "none" else None
 
     def close() -> None:
         if run:
@@ -96,6 +143,8 @@ def find_spans(scores: UnitScores, mask: np.ndarray, break_at_newlines: bool = T
 
     for i, unit in enumerate(scores.units):
         if mask[i]:
+            if clause_of is not None and run and clause_of[run[-1]] != clause_of[i]:
+                close()
             run.append(i)
         elif not joins_spans(unit, scores.kind, break_at_newlines):
             close()
@@ -127,9 +176,7 @@ def counterfactuals(record: Record, scores: UnitScores, config: PruningConfig, *
     if mask is None:
         mask, threshold = confounder_mask(scores, config)
     thr = math.nan if threshold is None else threshold
-    spans = find_spans(scores, mask, config.break_at_newlines)
-    if config.max_spans is not None:
-        spans = sorted(sorted(spans, key=lambda s: s.min_diff)[:config.max_spans], key=lambda s: s.start)
+    spans = find_spans(scores, mask, config.break_at_newlines, config.grow_spans)
     groups = [[s] for s in spans] if config.mode == "span" else ([spans] if spans else [])
     source = record.instruction if level == "instruction" else record.response
     prefix_end = text_offset + len(scores.text)

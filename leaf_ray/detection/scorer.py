@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from leaf_ray.config import PruningConfig, ScoringConfig
-from leaf_ray.data import Record, RecordError, TrainingPair, render_sample
+from leaf_ray.data import Record, RecordError, TrainingPair, length_batches, render_sample
+from leaf_ray.detection.occlusion import unit_occlusion
 from leaf_ray.detection.pruning import confounder_mask, counterfactuals, response_prefix
 from leaf_ray.detection.sensitivity import (
     ScoringItem,
@@ -49,6 +50,13 @@ def context_spans(item: ScoringItem, origin: int) -> list[tuple[int, int]]:
     """Character spans of the item's context tokens in the scored text, which starts at
     ``origin`` in the rendered chat text."""
     return [(item.offsets[t][0] - origin, item.offsets[t][1] - origin) for t in item.context_tokens]
+
+
+def unit_token_groups(units: Sequence[Unit], item: ScoringItem, spans: Sequence[tuple[int, int]]) -> list[list[int]]:
+    """Per unit, the item's context tokens that overlap it (``spans``: their character spans in
+    the scored text, from :func:`context_spans`); none for units that are never cut."""
+    return [[t for t, (a, b) in zip(item.context_tokens, spans) if a < unit.end and b > unit.start]
+            if unit.is_maskable else [] for unit in units]
 
 
 @dataclass
@@ -111,11 +119,14 @@ class _Prepared:
     text: str
     text_offset: int
     items: tuple[ScoringItem, ScoringItem]  # teacher, student
-    origins: tuple[int, int]  # rendered offset of the scored text's first character, per model
+    spans: tuple[list[tuple[int, int]], list[tuple[int, int]]]  # context tokens' spans in text, per model
+    units: list[Unit]
 
 
 class PairScorer:
-    """Scores records with a teacher and a student; one forward+backward per model per batch.
+    """Scores records with a teacher and a student by ``config.method``: one forward+backward
+    per model per batch for the gradient norm and gradient x input, ``ig_steps`` for
+    integrated gradients, and a forward per unit for occlusion.
 
     ``seconds`` sums the wall time of each phase over every call (rendering and tokenizing,
     model passes, projection onto units, and the pruning and writing of the stage around it),
@@ -177,23 +188,27 @@ class PairScorer:
             require_scorable(item, record.id)
             items.append(item)
             origins.append(origin + offset)
-        return _Prepared(record, text, offset, (items[0], items[-1]), (origins[0], origins[-1]))
+        spans = (context_spans(items[0], origins[0]), context_spans(items[-1], origins[-1]))
+        units = token_units(text, spans[1]) if cfg.units == "tokens" else split_units(text, cfg.unit_pattern)
+        return _Prepared(record, text, offset, (items[0], items[-1]), spans, units)
 
-    def _batches(self, prepared: list[_Prepared], model_index: int) -> list[list[int]]:
-        """Indices grouped by similar length so that padding stays small."""
-        lengths = [len(p.items[model_index].input_ids) for p in prepared]
-        order = sorted(range(len(prepared)), key=lambda i: lengths[i])
-        batches, current, width = [], [], 0
-        for i in order:
-            new_width = max(width, lengths[i])
-            if current and new_width * (len(current) + 1) > self.config.max_tokens_per_batch:
-                batches.append(current)
-                current, new_width = [], lengths[i]
-            current.append(i)
-            width = new_width
-        if current:
-            batches.append(current)
-        return batches
+    def model_scores(self, model_index: int, prepared: Sequence[_Prepared]) -> list[np.ndarray]:
+        """One model's raw scores per record: per context token for the gradient methods, per
+        unit for occlusion. Batches hold similar lengths, so that padding stays small."""
+        cfg, model = self.config, self.models[model_index]
+        items = [p.items[model_index] for p in prepared]
+        if cfg.method == "occlusion":
+            groups = [unit_token_groups(p.units, p.items[model_index], p.spans[model_index]) for p in prepared]
+            return unit_occlusion(model, items, groups, cfg.max_tokens_per_batch)
+        # Integrated gradients runs its steps as one batch: it gets that many times fewer records.
+        budget = max(cfg.max_tokens_per_batch // (cfg.ig_steps if cfg.method == "integrated_gradients" else 1), 1)
+        scores: list[np.ndarray] = [np.zeros(0)] * len(items)
+        for batch in length_batches([len(item.input_ids) for item in items], budget):
+            attributions = token_sensitivity(model, [items[i] for i in batch], cfg.padding_side, cfg.method,
+                                             cfg.ig_steps)
+            for i, values in zip(batch, attributions):
+                scores[i] = values
+        return scores
 
     def score(self, records: Sequence[Record]) -> tuple[list[ScoredRecord], list[RecordError]]:
         """Score a batch of records; records that cannot be scored come back as errors."""
@@ -204,26 +219,19 @@ class PairScorer:
                     prepared.append(self._prepare(record))
                 except RecordError as exc:
                     errors.append(exc)
-        raw: list[list[np.ndarray | None]] = [[None] * len(prepared) for _ in self.models]
+        raw = []
         with self.timing("model_passes"):
             for m, model in enumerate(self.models):
                 device = next(model.parameters()).device
-                autocast = torch.autocast(device.type, dtype=torch.bfloat16,
-                                          enabled=bf16_autocast_enabled(self.config.bf16_autocast, device))
-                for batch in self._batches(prepared, m):
-                    with autocast:
-                        norms = token_sensitivity(model, [prepared[i].items[m] for i in batch],
-                                                  self.config.padding_side)
-                    for i, n in zip(batch, norms):
-                        raw[m][i] = n
+                with torch.autocast(device.type, dtype=torch.bfloat16,
+                                    enabled=bf16_autocast_enabled(self.config.bf16_autocast, device)):
+                    raw.append(self.model_scores(m, prepared))
         scored = []
         with self.timing("projection"):
             for i, p in enumerate(prepared):
-                spans = [context_spans(p.items[m], p.origins[m]) for m in range(2)]
-                units = (token_units(p.text, spans[1]) if self.config.units == "tokens"
-                         else split_units(p.text, self.config.unit_pattern))
-                per_model = [project_to_units(units, spans[m], raw[m][i], p.text) for m in range(2)]
-                scores = compare_unit_scores(p.text, units, per_model[0], per_model[1], self.config.units)
+                per_model = [raw[m][i] if self.config.method == "occlusion"  # already per unit
+                             else project_to_units(p.units, p.spans[m], raw[m][i], p.text) for m in range(2)]
+                scores = compare_unit_scores(p.text, p.units, per_model[0], per_model[1], self.config.units)
                 scored.append(ScoredRecord(p.record, scores, self.config.level, p.text_offset,
                                            len(p.items[1].input_ids)))
         return scored, errors

@@ -2,17 +2,19 @@
 
 For each sample, the loss is the mean next-token NLL over its *target* tokens (the
 response, or the next reasoning step in response-level mode). The sensitivity of a
-*context* token (the instruction, or the reasoning prefix) is the L2 norm over the hidden
-dimension of d(loss)/d(embedding). One forward and one backward per padded batch: the
-batch loss is the *sum* of per-sample mean losses, so each sample's gradient is exactly
-its own loss's gradient (attention never crosses samples).
+*context* token (the instruction, or the reasoning prefix) is, by default, the L2 norm over
+the hidden dimension of d(loss)/d(embedding), the paper's score; gradient x input and
+integrated gradients are the other gradient methods (:func:`embedding_attributions`). One
+forward and one backward per padded batch: the batch loss is the *sum* of per-sample mean
+losses, so each sample's gradient is exactly its own loss's gradient (attention never
+crosses samples).
 
 Token scores are then projected onto character *units* of the scored text, so a teacher
 and a student with different tokenizers are compared on the same pieces of text. Units
 follow the text's structure (:mod:`leaf_ray.detection.units`): words and identifiers, LaTeX
 commands, punctuation runs, whitespace runs, and single characters of scripts written
 without spaces. ``units: tokens`` uses the student's tokens instead, as the official code.
-"""
+The occlusion method scores units directly (:mod:`leaf_ray.detection.occlusion`)."""
 
 from __future__ import annotations
 
@@ -67,42 +69,80 @@ def collate(items: Sequence[ScoringItem], padding_side: str = "right", pad_id: i
     return pad_batch([item.input_ids for item in items], targets, pad_id, padding_side)
 
 
-def embedding_grad_norms(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """``[B, T]`` L2 norms of d(sample loss)/d(input embedding), one forward+backward.
+GradientMethod = Literal["grad_norm", "grad_x_input", "integrated_gradients"]
+
+
+def sample_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor],
+                  inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+    """``[B]`` mean next-token NLL of each row over its ``target_mask`` tokens.
 
     Position ids are passed explicitly so left-padded rows see the same positions as
-    unpadded ones.
+    unpadded ones. ``inputs_embeds`` replaces the token embeddings (gradient methods).
     """
     device = next(model.parameters()).device
     input_ids = batch["input_ids"].to(device)
     attention_mask = batch["attention_mask"].to(device)
-    target_mask = batch["target_mask"].to(device)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    inputs = {"input_ids": input_ids} if inputs_embeds is None else {"inputs_embeds": inputs_embeds}
+    logits = model(**inputs, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).logits
+    # Position t-1 predicts token t: shift targets left by one.
+    predicting = batch["target_mask"].to(device)[:, 1:]
+    log_probs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    nll = -log_probs.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    # where(), not multiply: padded rows may hold non-finite values.
+    per_token = torch.where(predicting, nll, torch.zeros_like(nll))
+    return per_token.sum(-1) / predicting.sum(-1)
 
-    embeds = model.get_input_embeddings()(input_ids).detach().requires_grad_(True)
+
+def embedding_gradients(model: torch.nn.Module, batch: dict[str, torch.Tensor],
+                        embeds: torch.Tensor) -> torch.Tensor:
+    """d(sample loss)/d(input embedding) at ``embeds``, one forward+backward: the batch loss
+    is the sum of per-sample losses, and attention never crosses samples."""
+    embeds = embeds.detach().requires_grad_(True)
     with torch.enable_grad():
-        logits = model(inputs_embeds=embeds, attention_mask=attention_mask,
-                       position_ids=position_ids, use_cache=False).logits
-        # Position t-1 predicts token t: shift targets left by one.
-        predicting = target_mask[:, 1:]
-        log_probs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-        nll = -log_probs.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
-        # where(), not multiply: padded rows may hold non-finite values.
-        per_token = torch.where(predicting, nll, torch.zeros_like(nll))
-        per_sample = per_token.sum(-1) / predicting.sum(-1)
-        (grads,) = torch.autograd.grad(per_sample.sum(), embeds)
-    return grads.float().norm(dim=-1).detach().cpu()
+        (grads,) = torch.autograd.grad(sample_losses(model, batch, embeds).sum(), embeds)
+    return grads.float()
 
 
-def token_sensitivity(model: torch.nn.Module, items: Sequence[ScoringItem],
-                      padding_side: str = "right") -> list[np.ndarray]:
-    """Per item, the gradient norm of each context token (in ``item.context_tokens`` order)."""
+def embedding_attributions(model: torch.nn.Module, batch: dict[str, torch.Tensor],
+                           method: GradientMethod = "grad_norm", steps: int = 8) -> torch.Tensor:
+    """``[B, T]`` attribution of each token to its sample's loss.
+
+    - ``grad_norm``: the L2 norm of the gradient (the paper's score; one pass);
+    - ``grad_x_input``: ``|gradient . embedding|``, the first-order loss change if the token's
+      embedding were zeroed (one pass);
+    - ``integrated_gradients``: ``|embedding . mean gradient|`` along the straight path from
+      zeroed context embeddings (``batch["context_mask"]``) to the real ones, a right Riemann
+      sum of ``steps`` points; the other tokens stay as they are (``steps`` passes, batched).
+    """
+    device = next(model.parameters()).device
+    embeds = model.get_input_embeddings()(batch["input_ids"].to(device)).detach()
+    if method == "grad_norm":
+        return embedding_gradients(model, batch, embeds).norm(dim=-1).cpu()
+    if method == "grad_x_input":
+        return (embedding_gradients(model, batch, embeds) * embeds.float()).sum(-1).abs().cpu()
+    if method != "integrated_gradients":
+        raise ValueError(f"unknown gradient method {method!r}")
+    context = batch["context_mask"].to(device)[..., None]
+    alphas = torch.arange(1, steps + 1, device=device, dtype=embeds.dtype) / steps
+    path = torch.cat([torch.where(context, alpha * embeds, embeds) for alpha in alphas])
+    repeated = {k: v.repeat(steps, *[1] * (v.dim() - 1)) for k, v in batch.items() if k != "offsets"}
+    grads = embedding_gradients(model, repeated, path).view(steps, *embeds.shape).mean(0)
+    return (grads * embeds.float()).sum(-1).abs().cpu()
+
+
+def token_sensitivity(model: torch.nn.Module, items: Sequence[ScoringItem], padding_side: str = "right",
+                      method: GradientMethod = "grad_norm", steps: int = 8) -> list[np.ndarray]:
+    """Per item, the attribution of each context token (in ``item.context_tokens`` order)."""
     batch = collate(items, padding_side)
-    norms = embedding_grad_norms(model, batch)
+    batch["context_mask"] = torch.zeros_like(batch["target_mask"])
+    for b, item in enumerate(items):
+        batch["context_mask"][b, [int(batch["offsets"][b]) + i for i in item.context_tokens]] = True
+    scores = embedding_attributions(model, batch, method, steps)
     out = []
     for b, item in enumerate(items):
         offset = int(batch["offsets"][b])
-        out.append(norms[b, [offset + i for i in item.context_tokens]].numpy().astype(np.float64))
+        out.append(scores[b, [offset + i for i in item.context_tokens]].numpy().astype(np.float64))
     return out
 
 

@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from leaf_ray.data import Record, TrainingPair, encode_for_training, render_sample
+from leaf_ray.data import Record, TrainingPair, encode_for_training, length_batches, render_sample
 from leaf_ray.distillation.losses import SparseTargets, teacher_top_k
 
 PART_SCHEMA = pa.schema([("key", pa.string()), ("positions", pa.int32()), ("ids", pa.list_(pa.int32())),
@@ -63,19 +63,6 @@ def tokenizer_fingerprint(tokenizer) -> str:
 def training_set_records(pairs: Sequence[TrainingPair]) -> dict[str, Record]:
     """Every record a run on these pairs can show the teacher, by key."""
     return {record_key(r): r for p in pairs for r in (p.original, *p.counterfactuals)}
-
-
-def length_batches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
-    """Indices grouped, shortest first, so that each padded batch holds at most ``max_tokens``
-    (a longer record is a batch of its own)."""
-    batches: list[list[int]] = []
-    current: list[int] = []
-    for index in sorted(range(len(lengths)), key=lengths.__getitem__):
-        if current and lengths[index] * (len(current) + 1) > max_tokens:
-            batches.append(current)
-            current = []
-        current.append(index)
-    return batches + [current] if current else batches
 
 
 @torch.no_grad()

@@ -129,8 +129,8 @@ def scoring_fingerprint(config: PipelineConfig) -> dict[str, Any]:
     rerun), batch sizes or resources."""
     import leaf_ray
 
-    settings = config.scoring.model_dump(include={"level", "max_length", "dtype", "bf16_autocast", "units",
-                                                   "unit_pattern", "response_split", "num_segments",
+    settings = config.scoring.model_dump(include={"level", "method", "ig_steps", "max_length", "dtype",
+                                                   "bf16_autocast", "units", "unit_pattern", "response_split", "num_segments",
                                                    "prefix_fraction", "columns"})
     return {"teacher": model_fingerprint(config.teacher), "student": model_fingerprint(config.student),
             "scoring": json.dumps(settings, sort_keys=True), "pruning": json.dumps(config.pruning.model_dump(),

@@ -136,5 +136,6 @@ class FocusScorer:
                 row.update(teacher=nan_to_none(t), diff=nan_to_none(d), confounder=bool(m))
             out["threshold"] = nan_to_none(threshold)
             out["spans"] = [{"start": s.start, "end": s.end, "text": prompt[s.start:s.end], "min_diff": s.min_diff}
-                            for s in find_spans(scores, mask, self.pruning.break_at_newlines)]
+                            for s in find_spans(scores, mask, self.pruning.break_at_newlines,
+                                                self.pruning.grow_spans)]
         return out
