@@ -55,11 +55,16 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_serve.py
 
 # The embedded benchmark's distillation variants and controls, 3 seeds: simple and hard, then
-# the reasoning family with leaf_instr_resp (14 minutes on 2 cores).
+# the reasoning family with leaf_instr_resp (14 minutes on 2 cores); then the detection
+# leaderboard of every family and LeaF with the two best detectors on the hard family.
 reproduce: $(STAMP)
 	$(VENV)/bin/leaf-ray bench reproduce
 	$(VENV)/bin/leaf-ray bench reproduce --embedded assets/embedded-reasoning --families reasoning \
 	  --config configs/reproduce-reasoning.yaml --variants kd,kd_compute_matched,leaf,leaf_instr_resp,random,oracle
+	$(VENV)/bin/leaf-ray bench detect
+	$(VENV)/bin/leaf-ray bench detect --embedded assets/embedded-reasoning --families reasoning
+	$(VENV)/bin/leaf-ray bench reproduce --families hard --config configs/reproduce-detectors.yaml \
+	  --variants kd,oracle,leaf@grad_norm,leaf@grad_norm+best_clause,leaf@occlusion+best_clause
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

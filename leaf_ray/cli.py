@@ -247,6 +247,35 @@ def bench_build(
     typer.echo(f"artifacts in {cfg.output_dir} ({provenance['timings_s']['total']} s); figures in {results}")
 
 
+@bench_app.command("detect")
+def bench_detect(
+    embedded: Annotated[Path, typer.Option(help="Built benchmark directory.")] = Path("assets/embedded"),
+    families: Annotated[str, typer.Option(help="Comma-separated families.")] = "simple,hard",
+    records: Annotated[int, typer.Option(help="Distillation records scored per family.")] = 500,
+    results: Annotated[Path, typer.Option(help="embedded.json to fill in.")] = Path("benchmarks/results/embedded.json"),
+    report_dir: Annotated[Path, typer.Option(help="Where report.json / report.html show the leaderboard of every "
+                                                  "family in the results.")] = Path("benchmarks/results/detection"),
+) -> None:
+    """Score every detector against the ground truth; fill in families.<family>.detection_methods."""
+    from leaf_ray.report import write_report
+    from leaf_ray.synthetic.leaderboard import leaderboard
+
+    board = leaderboard(embedded, families.split(","), records)
+    summary = json.loads(results.read_text()) if results.exists() else {"families": {}}
+    for family, by_level in board.items():
+        summary["families"].setdefault(family, {}).update(by_level)
+        for key, by_detector in by_level.items():
+            for name, row in by_detector.items():
+                typer.echo(f"{family:>9} {key:>26} {name:>34}: clause F1 {row['clause']['f1']:.3f} | number F1 "
+                           f"{row['number']['f1']:.3f} | flagged/record {row['flagged_per_record']:.1f}")
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.write_text(json.dumps(summary, indent=2) + "\n")
+    boards = {f"{family}{suffix}": figures[key] for family, figures in summary["families"].items()
+              for key, suffix in (("detection_methods", ""), ("response_detection_methods", " (response level)"))
+              if key in figures}
+    typer.echo(str(write_report(report_dir, {"name": "detection leaderboard", "detection_methods": boards})))
+
+
 @bench_app.command("reproduce")
 def bench_reproduce(
     embedded: Annotated[Path, typer.Option(help="Built benchmark directory.")] = Path("assets/embedded"),

@@ -24,6 +24,9 @@ left out of the HTML)::
         "clause": {"precision": .., "recall": .., "f1": .., "flagged_per_record": ..},
         "number": {...}                      # any dict-valued entry is one granularity
       },
+      "detection_methods": {                 # the detection leaderboard (leaf-ray bench detect):
+        "hard": {"grad_norm": {"clause": {"precision": .., "recall": .., "f1": ..},   # family -> detector
+                               "number": {...}, "flagged_per_record": 3.7}, ...}},
       "attention": {"student": 0.31, "kd": 0.27, "leaf": 0.12},
                                              # mean attention mass on confounder tokens (test_conflict),
                                              # keyed by accuracy row; "student" is "before distillation"
@@ -50,6 +53,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 from html import escape
 from pathlib import Path
 from typing import Any
@@ -112,6 +116,7 @@ def render_html(report: dict) -> str:
     name = str(report.get("name", "run"))
     labels = {**ROWS, **report.get("labels", {})}
     sections = [header(report), accuracy_section(report, labels), detection_section(report.get("detection")),
+                leaderboard_section(report.get("detection_methods")),
                 attention_section(report.get("attention"), labels), samples_section(report.get("samples")),
                 stages_section(report.get("stages")), serving_section(report.get("serving"))]
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
@@ -179,6 +184,23 @@ def detection_section(detection: dict | None) -> str:
             '<p class="note">Pruned units against the benchmark\'s ground-truth confounders'
             + (f" ({'; '.join(facts)})" if facts else "") + ".</p>"
             + table("detection", ["Ground truth", "Precision", "Recall", "F1", "Flagged units / record"], rows))
+
+
+def leaderboard_section(board: dict | None) -> str:
+    """Per family, every detector's clause and number F1, best clause F1 first."""
+    if not board:
+        return ""
+    parts = []
+    for family, by_detector in board.items():
+        rows = [tr([escape(name), metric(row["clause"]["precision"]), metric(row["clause"]["recall"]),
+                    metric(row["clause"]["f1"]), metric(row["number"]["f1"]), metric(row.get("flagged_per_record"))])
+                for name, row in sorted(by_detector.items(), key=lambda kv: -kv[1]["clause"]["f1"])]
+        parts.append(f"<h3>{escape(family)}</h3>" + table(
+            "detection-methods-" + re.sub(r"\W+", "-", family).strip("-"),
+            ["Detector", "Clause precision", "Clause recall", "Clause F1", "Number F1", "Flagged units / record"], rows))
+    return ("<h2>Detection leaderboard</h2>"
+            '<p class="note">Each detector (scoring method + pruning post-step) against the benchmark\'s '
+            "ground-truth confounder clause and its number.</p>" + "".join(parts))
 
 
 def attention_section(attention: dict | None, labels: dict[str, str]) -> str:

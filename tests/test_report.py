@@ -264,3 +264,22 @@ def test_write_report_and_cli_rerender(report, tmp_path):
     assert html_path.read_text(encoding="utf-8") == render_html(report)
     missing = CliRunner().invoke(app, ["report", str(tmp_path / "nowhere")])
     assert missing.exit_code == 2 and "report.json" in missing.output
+
+
+def test_detection_leaderboard_renders_each_family_best_clause_f1_first():
+    """The committed leaderboard (benchmarks/results/embedded.json), as `bench detect` renders it."""
+    from pathlib import Path
+
+    results = json.loads((Path(__file__).resolve().parents[1] / "benchmarks/results/embedded.json").read_text())
+    board = {f: v["detection_methods"] for f, v in results["families"].items() if "detection_methods" in v}
+    assert {"simple", "hard", "reasoning"} <= set(board)
+    root = parse(render_html({"name": "leaderboard", "detection_methods": board}))
+    for family, by_detector in board.items():
+        rows = table_cells(root, f"detection-methods-{family}")
+        assert sorted(r[0] for r in rows) == sorted(by_detector)
+        f1 = [float(r[3]) for r in rows]
+        assert f1 == sorted(f1, reverse=True)
+        for cells in rows:
+            row = by_detector[cells[0]]
+            assert cells[1:5] == [f"{row['clause']['precision']:.3f}", f"{row['clause']['recall']:.3f}",
+                                  f"{row['clause']['f1']:.3f}", f"{row['number']['f1']:.3f}"]

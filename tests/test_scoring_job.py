@@ -169,18 +169,20 @@ def test_kill_and_resume_gives_the_same_outputs(uninterrupted):
 
 def test_a_rerun_with_other_models_or_rules_is_refused_not_mixed(uninterrupted):
     """The folder records what wrote it; a rerun that would resume it with another pruning rule,
-    unit rule or model stops at once (before Ray starts), naming what changed."""
+    unit rule, detection method or model stops at once (before Ray starts), naming what changed."""
     from leaf_ray.config import PipelineConfig, load_config
     from leaf_ray.distributed.scoring import run_scoring
 
     root, corpus, _, full = uninterrupted
     config = load_config(write_config(root, corpus, full), PipelineConfig)
-    changes = {
-        "pruning changed": {"pruning": config.pruning.model_copy(update={"quantile": 0.2})},
-        "scoring changed": {"scoring": config.scoring.model_copy(update={"units": "tokens"})},
-        "student changed": {"student": config.teacher},
-    }
-    for message, update in changes.items():
+    changes = [
+        ("pruning changed", {"pruning": config.pruning.model_copy(update={"quantile": 0.2})}),
+        ("pruning changed", {"pruning": config.pruning.model_copy(update={"grow_spans": "clause"})}),
+        ("scoring changed", {"scoring": config.scoring.model_copy(update={"units": "tokens"})}),
+        ("scoring changed", {"scoring": config.scoring.model_copy(update={"method": "occlusion"})}),
+        ("student changed", {"student": config.teacher}),
+    ]
+    for message, update in changes:
         with pytest.raises(ValueError, match=message):
             run_scoring(config.model_copy(update=update))
     assert json.loads((full / "summary.json").read_text())["scored"] == SCORED  # untouched

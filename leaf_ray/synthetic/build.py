@@ -106,16 +106,21 @@ def measure(model, tokenizer, records, family: str) -> dict[str, float | None]:
     return {"accuracy": report.accuracy, "copy_rate": report.copy_rate}
 
 
-def measure_detection(teacher, student, tokenizer, records, pruning: PruningConfig,
-                      level: str = "instruction") -> dict[str, Any]:
-    """Score records with both models and compare the masks with the ground-truth clause
-    (in the instruction, or at response level in the reasoning prefix)."""
+def score_for_detection(teacher, student, tokenizer, records, level: str = "instruction",
+                        method: str = "grad_norm") -> list:
+    """Benchmark records scored with both models by ``method`` (every one must score)."""
     scorer = PairScorer(teacher, tokenizer, student, tokenizer,
-                        ScoringConfig(corpus="-", max_length=512, level=level,
+                        ScoringConfig(corpus="-", max_length=512, level=level, method=method,
                                       prefix_fraction=REASONING_PREFIX_FRACTION))
     scored, errors = scorer.score([Record.from_dict(r) for r in records])
     if errors:
         raise RuntimeError(f"{len(errors)} benchmark records failed to score: {errors[0]}")
+    return scored
+
+
+def grade_scored(scored, pruning: PruningConfig, level: str = "instruction") -> dict[str, Any]:
+    """Compare the masks ``pruning`` makes of scored records with the ground-truth clause (in
+    the instruction, or at response level in the reasoning prefix)."""
     rows, by_role = [], {"shortcut_number": [], "causal_number": [], "other": []}
     for s in scored:
         mask, _ = confounder_mask(s.scores, pruning)
@@ -130,11 +135,17 @@ def measure_detection(teacher, student, tokenizer, records, pruning: PruningConf
                     else "causal_number" if (u.start, u.end) in causal else "other")
             by_role[role].append(value)
     return {
-        "rule": pruning.model_dump(include={"threshold", "quantile", "quantile_cap", "tau"}),
+        "rule": pruning.model_dump(include={"threshold", "quantile", "quantile_cap", "tau", "grow_spans", "max_spans"}),
         "clause": vars(detection_prf(rows, "clause", level)),
         "number": vars(detection_prf(rows, "number", level)),
         "mean_diff_by_role": {k: float(np.mean(v)) if v else None for k, v in by_role.items()},
     }
+
+
+def measure_detection(teacher, student, tokenizer, records, pruning: PruningConfig,
+                      level: str = "instruction") -> dict[str, Any]:
+    """The paper's detector (gradient norms) against the ground truth."""
+    return grade_scored(score_for_detection(teacher, student, tokenizer, records, level), pruning, level)
 
 
 def build(config: BenchmarkConfig) -> dict[str, Any]:

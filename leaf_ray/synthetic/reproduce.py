@@ -1,8 +1,10 @@
 """``leaf-ray bench reproduce``: distillation variants and controls on the embedded benchmark.
 
-For each family: score the distillation corpus once with teacher and student, then for
-each variant and seed distil a fresh copy of the student and measure it on the held-out
-conflict and clean sets. The variants and their rules are defined once, in
+For each family: score the distillation corpus once with teacher and student (once per
+detection method the variants name), then for each variant and seed distil a fresh copy of
+the student and measure it on the held-out conflict and clean sets. ``leaf@<detector>`` is
+LeaF with its counterfactuals cut by a detector of :mod:`leaf_ray.detection.detectors`
+(plain ``leaf`` is ``leaf@grad_norm``). The variants and their rules are defined once, in
 :mod:`leaf_ray.distillation.variants`; training is :func:`leaf_ray.distillation.loop.train`,
 the loop every Ray Train worker runs. ``leaf_instr_resp`` also scores the reasoning prefix
 (response level) and trains on the pairs of both levels; it needs multi-step responses (the
@@ -20,6 +22,7 @@ from typing import Any
 
 from leaf_ray.config import DistillationConfig, PruningConfig, ScoringConfig
 from leaf_ray.data import iter_records
+from leaf_ray.detection.detectors import detector_configs
 from leaf_ray.detection.scorer import PairScorer
 from leaf_ray.distillation.loop import train
 from leaf_ray.distillation.losses import shared_vocab_size
@@ -35,8 +38,16 @@ def reproduce(embedded: Path, families: list[str], variants: list[str], seeds: l
               cache_k: int = 32) -> dict[str, Any]:
     """The variants' accuracies per family over ``seeds``. With ``base.teacher == "cache"`` each
     variant trains from a teacher cache of its pairs (top ``cache_k``), built in this process."""
+    unknown = [v for v in variants if v.partition("@")[0] not in VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown variant(s) {', '.join(unknown)}; use {', '.join(VARIANTS)}, or leaf@<detector>")
+    detectors = {v: v.partition("@")[2] or "grad_norm" for v in variants}
+    setups = {v: detector_configs(detectors[v], ScoringConfig(corpus="-", max_length=512,
+                                                              prefix_fraction=REASONING_PREFIX_FRACTION), pruning)
+              for v in variants}
+    rules = {v: VARIANTS[v.partition("@")[0]] for v in variants}
     for family in families:
-        if family != "reasoning" and any(VARIANTS[v].response_level for v in variants):
+        if family != "reasoning" and any(rules[v].response_level for v in variants):
             raise ValueError(f"leaf_instr_resp needs multi-step responses; family {family!r} answers in one "
                              "step (use the reasoning family)")
     teacher, tokenizer = load_model(embedded / "teacher")
@@ -48,15 +59,16 @@ def reproduce(embedded: Path, families: list[str], variants: list[str], seeds: l
         corpus = list(iter_records(data / "distill.jsonl"))
         tests = {name: list(iter_records(data / f"test_{name}.jsonl"))[:eval_records] for name in ("conflict", "clean")}
         spec = FAMILIES[family]
-        levels = ["instruction"] + (["response"] if any(VARIANTS[v].response_level for v in variants) else [])
+        levels = ["instruction"] + (["response"] if any(rules[v].response_level for v in variants) else [])
         scored = {}
         for level in levels:
-            scorer = PairScorer(teacher, tokenizer, pristine, student_tokenizer, ScoringConfig(
-                corpus=str(data), max_length=512, level=level, prefix_fraction=REASONING_PREFIX_FRACTION))
-            scored[level], errors = scorer.score(corpus)
-            if errors:
-                raise RuntimeError(f"{family}: {len(errors)} records failed to score at {level} level, "
-                                   f"first: {errors[0]}")
+            for method in sorted({setups[v][0].method for v in variants}):
+                scoring = setups[variants[0]][0].model_copy(update={"level": level, "method": method})
+                scorer = PairScorer(teacher, tokenizer, pristine, student_tokenizer, scoring)
+                scored[level, method], errors = scorer.score(corpus)
+                if errors:
+                    raise RuntimeError(f"{family}: {len(errors)} records failed to score at {level} level, "
+                                       f"first: {errors[0]}")
 
         def measured(model, records) -> float:
             return accuracy(model, student_tokenizer, records, spec.checker, spec.max_new_tokens).accuracy
@@ -64,11 +76,12 @@ def reproduce(embedded: Path, families: list[str], variants: list[str], seeds: l
         results[family] = {}
         for variant in variants:
             runs = []
+            name, (scoring, variant_pruning) = variant.partition("@")[0], setups[variant]
             for seed in seeds:
-                config, _ = variant_config(base.model_copy(update={"seed": seed}), variant)
+                config, _ = variant_config(base.model_copy(update={"seed": seed}), name)
                 student = copy.deepcopy(pristine).requires_grad_(True)
-                pairs = [p for level in (levels if VARIANTS[variant].response_level else ["instruction"])
-                         for p in variant_pairs(variant, scored[level], pruning, seed)]
+                pairs = [p for level in (levels if rules[variant].response_level else ["instruction"])
+                         for p in variant_pairs(name, scored[level, scoring.method], variant_pruning, seed)]
                 curve = []
 
                 def on_step(metrics: dict[str, Any], _state: dict[str, Any]) -> None:
@@ -90,6 +103,8 @@ def reproduce(embedded: Path, families: list[str], variants: list[str], seeds: l
                 final.update(pairs=len(pairs), counterfactuals=sum(len(p.counterfactuals) for p in pairs))
                 runs.append(final)
             results[family][variant] = summarise(runs, seeds, config)
+            if "@" in variant:
+                results[family][variant]["detector"] = detectors[variant]
     return results
 
 
@@ -106,5 +121,6 @@ def summarise(runs: list[dict[str, Any]], seeds: list[int], config: Distillation
         "steps": config.max_steps,
         "batch_size": config.batch_size,
         "lam": config.lam,
+        "teacher": config.teacher,
         "runs": runs,
     }
