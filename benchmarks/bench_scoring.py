@@ -148,9 +148,13 @@ def detection_methods(teacher, student, tokenizer, records, repeats: int) -> dic
     ``repeats``, float32), its ratio to the gradient norm's, and the sequences each model runs
     per record (counted by a forward hook: a batch of B rows counts B)."""
     rows = {"teacher": 0, "student": 0}
-    hooks = [model.register_forward_hook(lambda _m, args, kwargs, _out, who=who: rows.__setitem__(
-        who, rows[who] + (kwargs.get("input_ids") if kwargs.get("input_ids") is not None
-                          else kwargs["inputs_embeds"]).shape[0]), with_kwargs=True)
+
+    def counter(who: str):
+        def count(_module, _args, kwargs) -> None:  # every scoring pass hands the model an attention mask
+            rows[who] += kwargs["attention_mask"].shape[0]
+        return count
+
+    hooks = [model.register_forward_pre_hook(counter(who), with_kwargs=True)
              for who, model in (("teacher", teacher), ("student", student))]
     table = {}
     try:
