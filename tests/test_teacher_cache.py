@@ -101,3 +101,16 @@ def test_a_cache_refuses_another_tokenizer_temperature_teacher_or_record(tmp_pat
     (folder / "summary.json").unlink()  # a build that did not finish
     with pytest.raises(TeacherCacheError, match="no finished teacher cache"):
         TeacherCache(folder)
+
+
+def test_a_cache_serves_targets_under_bf16_autocast(tmp_path, byte_tokenizer, byte_model, student):
+    # Distillation autocasts to bf16 where the CPU has AVX512-BF16 (or on a GPU): the cached
+    # float16 log-probs must come back as stored, not fail in torch.cat's autocast promotion.
+    vocab = len(byte_tokenizer)
+    rows = cache_rows(byte_model, byte_tokenizer, RECORDS, k=8, temperature=1.0, vocab=vocab)
+    cache = TeacherCache(cache_of(tmp_path / "cache", rows, byte_tokenizer, vocab))
+    plain = cache.targets(RECORDS)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = cache.targets(RECORDS)
+    assert autocast.logprobs.dtype == torch.float16
+    assert torch.equal(autocast.ids, plain.ids) and torch.equal(autocast.logprobs, plain.logprobs)

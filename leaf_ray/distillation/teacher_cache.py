@@ -166,7 +166,10 @@ class TeacherCache:
             raise TeacherCacheError(f"record {missing!r} is not in the teacher cache {self.folder}: the training "
                                     "set changed after the cache was built; rerun the teacher_cache stage, which "
                                     "caches the records it lacks") from None
-        ids, logprobs, tail = (torch.cat([entry[i] for entry in entries]) for i in range(3))
+        # Outside CPU autocast: under bf16 autocast, cat refuses float16 tensors ("Unexpected
+        # floating ScalarType"), and the cache's values are data, not activations.
+        with torch.autocast("cpu", enabled=False):
+            ids, logprobs, tail = (torch.cat([entry[i] for entry in entries]) for i in range(3))
         return SparseTargets(ids, logprobs, tail, self.vocab)
 
 
