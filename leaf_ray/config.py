@@ -14,9 +14,10 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from leaf_ray.detection.units import DEFAULT_UNIT_PATTERN
+from leaf_ray.errors import RunRefused
 
 
-VariantName = Literal["kd", "kd_compute_matched", "leaf", "leaf_instr_resp", "random", "oracle"]
+VariantName = Literal["kd", "kd_compute_matched", "leaf", "leaf_instr_resp", "random", "oracle", "oracle_instr_resp"]
 
 
 class StageConfig(BaseModel):
@@ -107,9 +108,12 @@ class ScoringConfig(StageConfig):
 class PruningConfig(StageConfig):
     """Stage 1b: which units are confounders, and the counterfactuals cut from them."""
 
-    threshold: Literal["quantile", "absolute"] = Field(
+    threshold: Literal["quantile", "absolute", "iterative"] = Field(
         "quantile", description="'quantile': per-sample q-quantile of diff, capped (official code); "
-                                "'absolute': diff <= tau (paper).")
+                                "'absolute': diff <= tau (paper); 'iterative': cut the clause the student "
+                                "relies on most beyond the teacher, score again, repeat until it stops "
+                                "(min_gap, strong_gap, entropy_margin, max_rounds; needs grow_spans). Needs no "
+                                "count and may cut nothing (leaf_ray/detection/iterative.py).")
     quantile: float = Field(0.10, ge=0, lt=1, description="q for the quantile rule.")
     quantile_cap: float = Field(0.5, ge=0, le=1, description="Upper cap on the quantile threshold.")
     tau: float = Field(0.10, ge=0, le=1, description="Threshold for the absolute rule.")
@@ -120,9 +124,25 @@ class PruningConfig(StageConfig):
         "none", description="Extend each flagged unit to the whole clause (ended by . ! ? ; , or a line break) or "
                             "sentence (. ! ? or a line break) around it, with any detection method; with max_spans, "
                             "the clauses of the lowest diff are kept.")
+    min_gap: float = Field(0.2, ge=0, le=1, description="Iterative: smallest reliance gap (student share minus "
+                                                        "teacher share of a clause's attribution mass) cut while "
+                                                        "the student is about as sure as the teacher.")
+    strong_gap: float = Field(0.6, ge=0, le=1, description="Iterative: a gap cut however unsure the student is.")
+    entropy_margin: float = Field(0.3, ge=0, description="Iterative: 'about as sure': the student's mean entropy "
+                                                         "over the target at most this many nats above the "
+                                                         "teacher's.")
+    max_rounds: int = Field(4, ge=1, description="Iterative: most clauses cut per record (one per round; each "
+                                                 "round scores the cut text again).")
     break_at_newlines: bool = Field(True, description="A line break ends a span, so no counterfactual deletes one "
                                                       "(code, multi-line math); false lets spaces and line breaks "
                                                       "alike join two masked units into one span.")
+
+
+    @model_validator(mode="after")
+    def _iterative_cuts_clauses(self) -> PruningConfig:
+        if self.threshold == "iterative" and self.grow_spans == "none":
+            raise ValueError("threshold 'iterative' cuts whole clauses: set grow_spans to clause or sentence")
+        return self
 
 
 class VerificationConfig(StageConfig):
@@ -247,7 +267,11 @@ class ServingConfig(StageConfig):
     api_key_file: str | None = Field(None, description="File holding the bearer token (a mounted secret).")
     focus: bool = Field(True, description="Serve /v1/focus from its own deployment (a transformers copy of the model).")
     teacher: str | None = Field(None, description="Teacher model for /v1/focus: adds the LeaF diff and pruned spans.")
-    pruning: PruningConfig = Field(PruningConfig(), description="Confounder rule /v1/focus applies with a teacher.")
+    method: Literal["grad_norm", "grad_x_input", "integrated_gradients", "occlusion"] = Field(
+        "grad_norm", description="Detection method /v1/focus scores with a teacher (as scoring.method); in a "
+                                 "pipeline, default: the run's scoring.method.")
+    pruning: PruningConfig = Field(PruningConfig(), description="Confounder rule /v1/focus applies with a teacher; "
+                                                                "in a pipeline, default: the run's pruning.")
     focus_resources: ResourcesConfig = Field(ResourcesConfig(), description="Per /v1/focus replica.")
     focus_max_queued_requests: int = Field(16, ge=1, description="/v1/focus requests queued per ingress replica; "
                                                                  "past it, 503 with Retry-After.")
@@ -309,11 +333,15 @@ class BenchmarkConfig(StageConfig):
     vocab_size: int = Field(512, ge=300, description="BPE vocabulary of the local tokenizer.")
     train_records: int = Field(30000, gt=0, description="Per family, for each of the teacher and student pools.")
     student_rho: float = Field(1.0, ge=0, le=1, description="P(distractor = answer) when pre-training the student.")
-    distill_rho: float = Field(0.9, ge=0, le=1, description="P(distractor = answer) in the distillation corpus.")
-    distill_records: int = Field(2000, gt=0, description="Per family.")
+    distill_rho: float = Field(0.9, ge=0, le=1, description="P(a correlated clause's number = answer) in the "
+                                                            "distillation corpora.")
+    distill_records: int = Field(2000, gt=0, description="Per family and distillation corpus.")
     test_conflict_records: int = Field(500, gt=0,
         description="Held-out records where the distractor disagrees with the answer.")
-    test_clean_records: int = Field(300, gt=0, description="Held-out records without distractors.")
+    test_heldout_records: int = Field(500, gt=0,
+        description="Held-out conflict records whose correlated clauses use wordings no training split has "
+                    "(simple and hard).")
+    test_clean_records: int = Field(300, gt=0, description="Held-out records without a correlated clause.")
     detection_records: int = Field(500, gt=0, description="Distillation records scored for detection F1, per family.")
     teacher: ModelRecipe = Field(ModelRecipe(layers=4, hidden=256, heads=4, steps=500, seed=0),
         description="Teacher recipe.")
@@ -350,8 +378,12 @@ class PipelineConfig(StageConfig):
 
     @model_validator(mode="after")
     def _fill_defaults_from_the_run(self) -> PipelineConfig:
-        if self.serving is not None and "model_id" not in self.serving.model_fields_set:
-            self.serving.model_id = self.name  # clients ask for the run by its name
+        if self.serving is not None:
+            defaults = {"model_id": self.name,  # clients ask for the run by its name
+                        "method": self.scoring.method, "pruning": self.pruning}  # /v1/focus detects as the run did
+            for key, value in defaults.items():
+                if key not in self.serving.model_fields_set:
+                    setattr(self.serving, key, value)
         return self
 
 
@@ -402,7 +434,7 @@ class RunLayout:
         return self.root / "evaluation.json"
 
 
-class ConfigError(ValueError):
+class ConfigError(RunRefused):
     """A config file that does not validate; the message names the file and each bad field."""
 
 

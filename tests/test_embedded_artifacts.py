@@ -31,6 +31,7 @@ def test_figures_meet_the_benchmark_bar(provenance):
     for family in ("simple", "hard"):
         figures = provenance["figures"][family]
         assert figures["teacher"]["test_conflict"]["accuracy"] >= 0.95
+        assert figures["teacher"]["test_heldout"]["accuracy"] >= 0.9  # wordings it never saw
         assert figures["student"]["test_conflict"]["accuracy"] <= 0.30
         assert figures["student"]["test_conflict"]["copy_rate"] >= 0.40
         assert 0.0 < figures["detection"]["clause"]["f1"] <= 1.0
@@ -67,11 +68,8 @@ def test_reasoning_build_matches_its_config_and_meets_the_bar(reasoning_provenan
     assert figures["teacher"]["test_conflict"]["accuracy"] >= 0.95
     assert figures["student"]["test_conflict"]["accuracy"] <= 0.30
     assert figures["student"]["test_conflict"]["copy_rate"] >= 0.40
-    # Something to find at both levels. The student copies the note's number from where the
-    # reasoning restates it, so response-level scoring finds it far more often (0.97 against
-    # 0.44 in the instruction, in the committed build).
-    assert figures["detection"]["number"]["recall"] > 0.3
-    assert figures["response_detection"]["number"]["recall"] > 0.9
+    # No-note records are in the student's pre-training: clean prompts are in distribution.
+    assert figures["student"]["test_clean"]["accuracy"] >= 0.6
 
 
 def test_reasoning_records_are_multi_step_with_ground_truth_in_both_places():
@@ -81,17 +79,18 @@ def test_reasoning_records_are_multi_step_with_ground_truth_in_both_places():
     records = list(iter_records(ROOT / REASONING.output_dir / "data" / "reasoning" / "distill.jsonl"))
     assert len(records) == REASONING.distill_records
     with_note = [r for r in records if r.meta["response_distractors"]]
-    assert len(with_note) > 0.9 * len(records)
-    for record in with_note[:200]:
+    assert 0.7 * len(records) < len(with_note) < 0.8 * len(records)  # a quarter of the records hold no note
+    for record in records[:300]:
         lines = record.response.split("\n")
-        assert len(lines) == 5 and lines[-1] == f"#### {record.answer}"
-        (note,) = record.meta["response_distractors"]
-        (clause,) = [d for d in record.meta["distractors"] if d["correlated"]]
-        a, b = note["clause_span"]
-        assert record.response[a:b] == record.instruction[slice(*clause["clause_span"])]
-        # The response-level prefix (3 of 5 steps) holds the restated note; the next step is the sum.
+        assert len(lines) == 4 + len(record.meta["response_distractors"]) and lines[-1] == f"#### {record.answer}"
+        # The response-level prefix (the facts, and the note where there is one); the next step is the sum.
         (p0, p1), (s0, s1) = response_prefix(record.response, "line", 4, 0.6)
-        assert p0 <= a and b <= p1 and "+" in record.response[s0:s1]
+        assert "+" in record.response[s0:s1] and "+" not in record.response[p0:p1]
+        for note in record.meta["response_distractors"]:
+            (clause,) = [d for d in record.meta["distractors"] if d["correlated"]]
+            a, b = note["clause_span"]
+            assert record.response[a:b] == record.instruction[slice(*clause["clause_span"])]
+            assert p0 <= a and b <= p1
 
 
 def test_reasoning_models_answer_like_provenance(reasoning_provenance):

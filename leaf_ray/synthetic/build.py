@@ -27,31 +27,32 @@ import torch
 import leaf_ray
 from leaf_ray.config import BenchmarkConfig, PruningConfig, ScoringConfig
 from leaf_ray.data import Record, encode_for_training, write_jsonl
-from leaf_ray.detection.pruning import confounder_mask
-from leaf_ray.detection.scorer import PairScorer
-from leaf_ray.evaluation import accuracy, confounder_spans, detection_prf
+from leaf_ray.detection.scorer import PairScorer, ScoringPass
+from leaf_ray.evaluation import accuracy, confounder_spans, detection_by_count, detection_prf
 from leaf_ray.synthetic.reasoning import make_reasoning_split
 from leaf_ray.synthetic.tasks import make_split
 from leaf_ray.synthetic.tokenizer import train_tokenizer
 from leaf_ray.synthetic.train import make_llama, train_response_lm
 
-HELD_OUT = ("distill", "test_conflict", "test_clean")
 ROLE_WORDS = ["user", "assistant", "system"]  # so chat-template role names are single tokens
 
 
 @dataclass(frozen=True)
 class FamilyEval:
-    """How a family's answers are generated and checked."""
+    """How a family's answers are generated and checked, and which held-out splits it has."""
 
     checker: str
     max_new_tokens: int
-    source: str  # the module that generates it
+    sources: tuple[str, ...]  # the modules that generate it
+    corpora: tuple[str, ...] = ("distill", "distill_confounded")  # distillation corpora
+    tests: tuple[str, ...] = ("test_conflict", "test_heldout", "test_clean")
 
 
 FAMILIES = {
-    "simple": FamilyEval("number", 8, "tasks.py"),
-    "hard": FamilyEval("number", 8, "tasks.py"),
-    "reasoning": FamilyEval("gsm8k", 40, "reasoning.py"),
+    "simple": FamilyEval("number", 8, ("tasks.py",)),
+    "hard": FamilyEval("number", 8, ("tasks.py",)),
+    # One note template: no held-out wordings, and one corpus.
+    "reasoning": FamilyEval("gsm8k", 40, ("reasoning.py", "tasks.py"), ("distill",), ("test_conflict", "test_clean")),
 }
 # Response-level scoring of the reasoning family: of its 5 steps, the first 3 are the prefix
 # and the sum line is the step whose loss scores them.
@@ -72,7 +73,7 @@ def code_hash(families: list[str] | None = None) -> str:
     """Hash of the sources that determine the artifacts of ``families`` (default: the default
     build's), so a stale build is detectable."""
     root = Path(__file__).resolve().parents[1] / "synthetic"
-    sources = sorted({FAMILIES[f].source for f in families or BenchmarkConfig().families})
+    sources = sorted({source for f in families or BenchmarkConfig().families for source in FAMILIES[f].sources})
     digest = hashlib.sha256()
     for name in (*sources, "train.py", "tokenizer.py"):
         digest.update((root / name).read_bytes())
@@ -85,11 +86,12 @@ def file_hashes(root: Path) -> dict[str, str]:
 
 
 def held_out_splits(config: BenchmarkConfig, family: str) -> dict[str, list[dict[str, Any]]]:
-    sizes = {"distill": config.distill_records, "test_conflict": config.test_conflict_records,
+    sizes = {"distill": config.distill_records, "distill_confounded": config.distill_records,
+             "test_conflict": config.test_conflict_records, "test_heldout": config.test_heldout_records,
              "test_clean": config.test_clean_records}
     return {split: family_split(family, split, sizes[split], config.seed,
-                                rho=config.distill_rho if split == "distill" else None)
-            for split in HELD_OUT}
+                                rho=config.distill_rho if split.startswith("distill") else None)
+            for split in (*FAMILIES[family].corpora, *FAMILIES[family].tests)}
 
 
 def _train(tokenizer, pools: dict[str, list[dict[str, Any]]], recipe, desc: str):
@@ -107,23 +109,20 @@ def measure(model, tokenizer, records, family: str) -> dict[str, float | None]:
 
 
 def score_for_detection(teacher, student, tokenizer, records, level: str = "instruction",
-                        method: str = "grad_norm") -> list:
+                        method: str = "grad_norm") -> ScoringPass:
     """Benchmark records scored with both models by ``method`` (every one must score)."""
     scorer = PairScorer(teacher, tokenizer, student, tokenizer,
                         ScoringConfig(corpus="-", max_length=512, level=level, method=method,
                                       prefix_fraction=REASONING_PREFIX_FRACTION))
-    scored, errors = scorer.score([Record.from_dict(r) for r in records])
-    if errors:
-        raise RuntimeError(f"{len(errors)} benchmark records failed to score: {errors[0]}")
-    return scored
+    return ScoringPass.run(scorer, [Record.from_dict(r) for r in records])
 
 
-def grade_scored(scored, pruning: PruningConfig, level: str = "instruction") -> dict[str, Any]:
-    """Compare the masks ``pruning`` makes of scored records with the ground-truth clause (in
-    the instruction, or at response level in the reasoning prefix)."""
+def grade_scored(scored, masks, pruning: PruningConfig, level: str = "instruction") -> dict[str, Any]:
+    """Compare confounder masks of scored records (made by ``pruning``) with the ground-truth
+    clauses (in the instruction, or at response level in the reasoning prefix): P/R/F1, and the
+    false cuts and recall by how many confounders a record holds."""
     rows, by_role = [], {"shortcut_number": [], "causal_number": [], "other": []}
-    for s in scored:
-        mask, _ = confounder_mask(s.scores, pruning)
+    for s, mask in zip(scored, masks):
         units = [(u.start, u.end, u.text) for u in s.scores.units]
         rows.append((units, mask, s.record.meta))
         shortcut = confounder_spans(s.record.meta, "number", level)
@@ -135,9 +134,12 @@ def grade_scored(scored, pruning: PruningConfig, level: str = "instruction") -> 
                     else "causal_number" if (u.start, u.end) in causal else "other")
             by_role[role].append(value)
     return {
-        "rule": pruning.model_dump(include={"threshold", "quantile", "quantile_cap", "tau", "grow_spans", "max_spans"}),
+        "rule": pruning.model_dump(include={"threshold", "quantile", "quantile_cap", "tau", "grow_spans", "max_spans",
+                                            *(("min_gap", "strong_gap", "entropy_margin", "max_rounds")
+                                              if pruning.threshold == "iterative" else ())}),
         "clause": vars(detection_prf(rows, "clause", level)),
         "number": vars(detection_prf(rows, "number", level)),
+        **vars(detection_by_count(rows, level)),
         "mean_diff_by_role": {k: float(np.mean(v)) if v else None for k, v in by_role.items()},
     }
 
@@ -145,7 +147,8 @@ def grade_scored(scored, pruning: PruningConfig, level: str = "instruction") -> 
 def measure_detection(teacher, student, tokenizer, records, pruning: PruningConfig,
                       level: str = "instruction") -> dict[str, Any]:
     """The paper's detector (gradient norms) against the ground truth."""
-    return grade_scored(score_for_detection(teacher, student, tokenizer, records, level), pruning, level)
+    detection = score_for_detection(teacher, student, tokenizer, records, level)
+    return grade_scored(detection.scored, detection.masks(pruning), pruning, level)
 
 
 def build(config: BenchmarkConfig) -> dict[str, Any]:
@@ -189,8 +192,8 @@ def build(config: BenchmarkConfig) -> dict[str, Any]:
     pruning = PruningConfig(threshold="quantile", quantile=0.10)
     for family, splits in held_out.items():
         figures[family] = {
-            "teacher": {s: measure(teacher, tokenizer, splits[s], family) for s in ("test_conflict", "test_clean")},
-            "student": {s: measure(student, tokenizer, splits[s], family) for s in ("test_conflict", "test_clean")},
+            "teacher": {s: measure(teacher, tokenizer, splits[s], family) for s in FAMILIES[family].tests},
+            "student": {s: measure(student, tokenizer, splits[s], family) for s in FAMILIES[family].tests},
             "detection": measure_detection(teacher, student, tokenizer,
                                            splits["distill"][: config.detection_records], pruning),
         }
@@ -227,6 +230,8 @@ def embedded_results(provenance: dict[str, Any]) -> dict[str, Any]:
             "student_conflict_acc": fig["student"]["test_conflict"]["accuracy"],
             "student_clean_acc": fig["student"]["test_clean"]["accuracy"],
             "student_copy_rate": fig["student"]["test_conflict"]["copy_rate"],
+            **({"teacher_heldout_acc": fig["teacher"]["test_heldout"]["accuracy"],
+                "student_heldout_acc": fig["student"]["test_heldout"]["accuracy"]} if "test_heldout" in fig["teacher"] else {}),
             "detection_f1": fig["detection"]["clause"]["f1"],
             "detection": fig["detection"],
             **({"response_detection": fig["response_detection"]} if "response_detection" in fig else {}),

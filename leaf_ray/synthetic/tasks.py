@@ -2,20 +2,20 @@
 
 ``ann has 3 . ann gets 4 more . note : 7 is lucky . how many does ann have ?`` -> ``7``.
 
-The answer is ``x + y`` from the causal sentences. Distractor clauses carry a number ``D``;
-how often ``D`` equals the answer (``rho``) is what makes a split *correlated* (a shortcut
-to copy) or *decorrelated*. Every record stores the character spans of its causal
-numbers and its distractor clauses in ``meta``, so detection can be scored against the
-ground truth.
+The answer is ``x + y`` from the causal sentences. *Correlated* clauses carry a number ``D``
+that is the answer with probability ``rho`` (a shortcut to copy); how many of them a record
+holds varies, from none to three, and they come from several templates, some of which
+(:data:`HELD_OUT_CORRELATED`) only the ``test_heldout`` split uses. Every record stores the
+character spans of its causal numbers and of every distractor clause in ``meta``, so
+detection can be scored against the ground truth, per record and per count.
 
 Two families:
 
-- ``simple``: one entity, one distractor clause (3 templates) at a random sentence boundary.
-- ``hard``: longer prompts: the correlated clause (always ``note : D is lucky .``) plus one or
-  two uncorrelated distractors from a larger set (some naming another person) and
-  number-free filler. Only the note carries the shortcut; the others carry random numbers,
-  so detection has to be selective, and cutting a random number-bearing span rarely cuts
-  the right one.
+- ``simple``: one entity, and 0-3 correlated clauses at random sentence boundaries.
+- ``hard``: longer prompts: the correlated clauses plus one or two uncorrelated distractors
+  (some naming another person, all with random numbers) and number-free filler. Only the
+  correlated clauses carry the shortcut, so detection has to be selective, and has to decide
+  per record how much to cut: a record may hold none, one, or several.
 """
 
 from __future__ import annotations
@@ -25,39 +25,48 @@ from dataclasses import dataclass
 from typing import Any
 
 NAMES = ["ann", "tom", "sue", "bob", "eva", "max", "lia", "sam"]
-SIMPLE_DISTRACTORS = ["note : {d} is lucky .", "the bus left at {d} .", "there are {d} birds outside ."]
-HARD_CORRELATED = "note : {d} is lucky ."
-HARD_UNCORRELATED = [
+# Clauses whose number the student learns to copy (it is the answer in its pre-training).
+CORRELATED = ["note : {d} is lucky .", "the magic number is {d} .", "hint : it is {d} .", "{o} guesses {d} ."]
+# The same role in wordings no training split uses: does a student ignore a shortcut it never met?
+HELD_OUT_CORRELATED = ["lucky pick : {d} .", "the sign says {d} .", "the code is {d} ."]
+UNCORRELATED = [
     "the bus left at {d} .", "there are {d} birds outside .", "the shop opens at {d} .", "room {d} is empty .",
     "{o} is {d} years old .", "{o} saw {d} cats .",
 ]
 FILLERS = ["it is a sunny day .", "the park is quiet .", "everyone likes the game .", "the road is long ."]
 QUESTION = "how many does {n} have ?"
+ANSWERS = range(0, 19)  # x in 0..9, y in 1..9
 
 
 @dataclass(frozen=True)
 class SplitSpec:
     """How one split is drawn.
 
-    ``rho``: probability that the correlated distractor's number is set to the answer;
-    otherwise it is uniform on 0..18 (and matches the answer by chance, 1 in 19).
-    ``p_distractor``: probability that distractor clauses are present at all.
-    ``conflict``: force the correlated number to differ from the answer.
+    ``counts[k]``: probability that a record holds ``k`` correlated clauses (distinct templates).
+    ``rho``: probability that a correlated clause's number is set to the answer, drawn for each
+    clause; otherwise it is uniform on 0..18 (and matches the answer by chance, 1 in 19).
+    ``conflict``: force every correlated number to differ from the answer.
+    ``held_out``: draw correlated templates from :data:`HELD_OUT_CORRELATED` instead.
     """
 
     rho: float
-    p_distractor: float = 1.0
+    counts: tuple[float, ...]
     conflict: bool = False
+    held_out: bool = False
 
 
 SPLITS: dict[str, SplitSpec] = {
-    "student_pretrain": SplitSpec(rho=1.0),
-    # D drawn at random: no shortcut. Mostly present: with distractors in only half of the
-    # prompts the teacher first learns a rule that breaks on them, and unlearns it slowly.
-    "teacher_train": SplitSpec(rho=0.0, p_distractor=0.9),
-    "distill": SplitSpec(rho=0.9),
-    "test_conflict": SplitSpec(rho=0.0, conflict=True),
-    "test_clean": SplitSpec(rho=0.0, p_distractor=0.0),
+    # The student learns the shortcut: a correlated clause is always there, and always right.
+    "student_pretrain": SplitSpec(rho=1.0, counts=(0.0, 0.5, 0.35, 0.15)),
+    # D drawn at random: no shortcut, so the teacher learns the rule.
+    "teacher_train": SplitSpec(rho=0.0, counts=(0.25, 0.35, 0.25, 0.15)),
+    "distill": SplitSpec(rho=0.9, counts=(0.25, 0.35, 0.25, 0.15)),
+    # Every record carries a shortcut: the only shortcut-free examples a student sees are the
+    # counterfactuals it is given.
+    "distill_confounded": SplitSpec(rho=0.9, counts=(0.0, 0.5, 0.35, 0.15)),
+    "test_conflict": SplitSpec(rho=0.0, counts=(0.0, 0.5, 0.35, 0.15), conflict=True),
+    "test_heldout": SplitSpec(rho=0.0, counts=(0.0, 0.5, 0.35, 0.15), conflict=True, held_out=True),
+    "test_clean": SplitSpec(rho=0.0, counts=(1.0,)),
 }
 
 
@@ -83,68 +92,82 @@ def _number_span(sentence_span: tuple[int, int], sentence: str, number: int) -> 
     return [start, start + len(str(number))]
 
 
+def draw_count(rng: random.Random, counts: tuple[float, ...]) -> int:
+    return rng.choices(range(len(counts)), weights=counts)[0]
+
+
+def correlated_number(rng: random.Random, spec: SplitSpec, answer: int) -> int:
+    """A correlated clause's number: never the answer in a conflict split, else the answer with
+    probability ``rho``, else uniform."""
+    if spec.conflict:
+        return rng.choice([v for v in ANSWERS if v != answer])
+    return answer if rng.random() < spec.rho else rng.choice(ANSWERS)
+
+
+def place_sentences(rng: random.Random, facts: list[tuple[str, int, str]], others: list[tuple[str, str, Any]],
+                    question: str) -> tuple[str, list[dict], list[dict], list[int]]:
+    """The instruction: causal facts in order, every other sentence at a random sentence
+    boundary, the question last; with the causal facts' spans (the clause and its number), the
+    distractor clauses' spans and the question's span.
+
+    ``others``: ``("extra", sentence, None)`` or ``("distractor", sentence, (d, correlated,
+    template))``.
+    """
+    body: list[tuple[str, str, Any]] = [("fact", s, (n, role)) for s, n, role in facts]
+    for kind, sentence, info in others:
+        body.insert(rng.randint(0, len(body)), (kind, sentence, info))
+    builder = _Builder()
+    causal, distractors = [], []
+    for kind, sentence, info in body:
+        span = builder.add(sentence)
+        if kind == "fact":
+            number, role = info
+            causal.append({"role": role, "number": number, "span": _number_span(span, sentence, number),
+                           "clause_span": list(span)})
+        elif kind == "distractor":
+            d, correlated, template = info
+            distractors.append({"template": template, "number": d, "correlated": correlated,
+                                "held_out": template in HELD_OUT_CORRELATED,
+                                "clause_span": list(span), "number_span": _number_span(span, sentence, d)})
+    question_span = list(builder.add(question))
+    return builder.text, causal, distractors, question_span
+
+
 def make_record(rng: random.Random, family: str, split: str, record_id: str,
                 rho: float | None = None) -> dict[str, Any]:
     """One record of ``family`` drawn as ``split`` prescribes (``rho`` overrides its
     correlation), in the corpus schema."""
+    if family not in ("simple", "hard"):
+        raise ValueError(f"unknown family {family!r}; use simple or hard")
     spec = SPLITS[split]
     if rho is not None:
-        spec = SplitSpec(rho=rho, p_distractor=spec.p_distractor, conflict=spec.conflict)
+        spec = SplitSpec(rho=rho, counts=spec.counts, conflict=spec.conflict, held_out=spec.held_out)
     name, other = rng.sample(NAMES, 2)
     x, y = rng.randint(0, 9), rng.randint(1, 9)
     answer = x + y
 
     facts = [(f"{name} has {x} .", x, "x"), (f"{name} gets {y} more .", y, "y")]
-    extra: list[str] = []
+    pool = HELD_OUT_CORRELATED if spec.held_out else CORRELATED
+    correlated = rng.sample(pool, draw_count(rng, spec.counts))
+    others: list[tuple[str, str, Any]] = []
+    for template in correlated:
+        d = correlated_number(rng, spec, answer)
+        others.append(("distractor", template.format(d=d, o=other), (d, True, template)))
     if family == "hard":
-        extra = rng.sample(FILLERS, rng.randint(1, 2))
-    elif family != "simple":
-        raise ValueError(f"unknown family {family!r}; use simple or hard")
+        for template in rng.sample(UNCORRELATED, rng.randint(1, 2)):
+            d = rng.choice(ANSWERS)
+            others.append(("distractor", template.format(d=d, o=other), (d, False, template)))
+        others += [("extra", sentence, None) for sentence in rng.sample(FILLERS, rng.randint(1, 2))]
+    rng.shuffle(others)
 
-    distractors: list[tuple[str, int, bool]] = []  # (template, number, correlated)
-    if rng.random() < spec.p_distractor:
-        if family == "simple":
-            chosen = [rng.choice(SIMPLE_DISTRACTORS)]
-        else:
-            chosen = [HARD_CORRELATED, *rng.sample(HARD_UNCORRELATED, rng.randint(1, 2))]
-        for k, template in enumerate(chosen):
-            correlated = k == 0
-            if correlated and spec.conflict:
-                d = rng.choice([v for v in range(0, 19) if v != answer])
-            elif correlated and rng.random() < spec.rho:
-                d = answer
-            else:
-                d = rng.randint(0, 18)
-            distractors.append((template, d, correlated))
-
-    # Causal facts keep their order; everything else lands at random sentence boundaries.
-    body: list[tuple[str, str, Any]] = [("fact", s, (n, role)) for s, n, role in facts]
-    for sentence in extra:
-        body.insert(rng.randint(0, len(body)), ("extra", sentence, None))
-    for template, d, correlated in distractors:
-        sentence = template.format(d=d, o=other)
-        body.insert(rng.randint(0, len(body)), ("distractor", sentence, (d, correlated, template)))
-
-    builder = _Builder()
-    causal_spans, distractor_meta = [], []
-    for kind, sentence, info in body:
-        span = builder.add(sentence)
-        if kind == "fact":
-            number, role = info
-            causal_spans.append({"role": role, "number": number, "span": _number_span(span, sentence, number)})
-        elif kind == "distractor":
-            d, correlated, template = info
-            distractor_meta.append({
-                "template": template, "number": d, "correlated": correlated,
-                "clause_span": list(span), "number_span": _number_span(span, sentence, d),
-            })
-    builder.add(QUESTION.format(n=name))
+    instruction, causal, distractors, question = place_sentences(rng, facts, others, QUESTION.format(n=name))
     return {
         "id": record_id,
-        "instruction": builder.text,
+        "instruction": instruction,
         "response": str(answer),
         "answer": str(answer),
-        "meta": {"family": family, "split": split, "causal": causal_spans, "distractors": distractor_meta},
+        "meta": {"family": family, "split": split, "causal": causal, "question_span": question,
+                 "distractors": distractors, "correlated_count": len(correlated)},
     }
 
 
@@ -152,4 +175,3 @@ def make_split(family: str, split: str, size: int, seed: int, rho: float | None 
     """``size`` records, reproducible from ``seed``; ids are ``{family}-{split}-{i}``."""
     rng = random.Random(f"{family}/{split}/{seed}")
     return [make_record(rng, family, split, f"{family}-{split}-{i}", rho) for i in range(size)]
-
