@@ -101,7 +101,7 @@ def peak_rss_gib() -> float:
 def model_passes_only(scorer: PairScorer, records) -> tuple[callable, int]:
     """The limit: a function running only the model passes the scorer runs on ``records``
     (the same padded batches, built here beforehand), and the tokens it covers."""
-    prepared = [scorer._prepare(r) for r in records]
+    prepared = [scorer.prepare(r) for r in records]
     batches = [(model, collate([prepared[i].items[m] for i in batch], scorer.config.padding_side))
                for m, model in enumerate(scorer.models)
                for batch in length_batches([len(p.items[m].input_ids) for p in prepared],

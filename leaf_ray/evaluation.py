@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -56,33 +57,40 @@ def continuation_text(tokenizer, prompt_ids: Sequence[int], new_ids: Sequence[in
     return whole[len(prompt):] if whole.startswith(prompt) else tokenizer.decode(new_ids, skip_special_tokens=True)
 
 
-def shortcut_number(meta: dict[str, Any]) -> str | None:
-    """The correlated distractor's number, if the record has one."""
-    for clause in meta.get("distractors", []):
-        if clause.get("correlated"):
-            return str(clause["number"])
-    return None
+def shortcut_numbers(meta: dict[str, Any]) -> list[str]:
+    """The numbers of the record's correlated clauses (none, one or several)."""
+    return [str(clause["number"]) for clause in meta.get("distractors", []) if clause.get("correlated")]
 
 
 @dataclass
 class AnswerReport:
     n: int
     accuracy: float
-    copy_rate: float | None  # share of answers equal to the shortcut number (records that have one)
+    copy_rate: float | None  # share of answers equal to a shortcut number (of the records that have one)
     predictions: list[str]
+    correct: list[bool]
+
+
+def paired_difference(first: AnswerReport, second: AnswerReport) -> dict[str, float]:
+    """Accuracy of ``first`` minus ``second`` on the same records, with the standard error of the
+    mean per-record difference (the pairing removes the variance the records share)."""
+    differences = np.array(first.correct, dtype=float) - np.array(second.correct, dtype=float)
+    spread = differences.std(ddof=1) if len(differences) > 1 else 0.0
+    return {"difference": float(differences.mean()), "standard_error": float(spread / np.sqrt(len(differences)))}
 
 
 def answer_accuracy(predictions: Sequence[str], records: Sequence[Record], checker: str = "number") -> AnswerReport:
     check = resolve_checker(checker)
     correct = [check(p, str(r.answer)) for p, r in zip(predictions, records)]
-    # A copy: the answer the checker reads off is the shortcut number (the final #### N for gsm8k).
-    copies = [check(p, shortcut_number(r.meta))
-              for p, r in zip(predictions, records) if shortcut_number(r.meta) is not None]
+    # A copy: the answer the checker reads off is a shortcut number (the final #### N for gsm8k).
+    copies = [any(check(p, number) for number in shortcut_numbers(r.meta))
+              for p, r in zip(predictions, records) if shortcut_numbers(r.meta)]
     return AnswerReport(
         n=len(records),
         accuracy=sum(correct) / max(len(correct), 1),
         copy_rate=sum(copies) / len(copies) if copies else None,
         predictions=list(predictions),
+        correct=correct,
     )
 
 
@@ -96,20 +104,29 @@ def accuracy(model, tokenizer, records: Sequence[Record], checker: str = "number
 
 
 def evaluate_models(models: dict[str, tuple[Any, Any]], files: Sequence[str | Path], checker: str = "number",
-                    max_new_tokens: int = 8, batch_size: int = 64) -> dict[str, dict[str, float]]:
-    """Accuracy of each ``(model, tokenizer)`` on each test file, keyed by model name and file stem."""
+                    max_new_tokens: int = 8, batch_size: int = 64) -> dict[str, dict[str, AnswerReport]]:
+    """The answers of each ``(model, tokenizer)`` on each test file, keyed by model name and file stem."""
     tests = {Path(path).stem: list(iter_records(path)) for path in files}
-    return {name: {stem: accuracy(model, tokenizer, records, checker, max_new_tokens, batch_size).accuracy
+    return {name: {stem: accuracy(model, tokenizer, records, checker, max_new_tokens, batch_size)
                    for stem, records in tests.items()}
             for name, (model, tokenizer) in models.items()}
 
 
 def confounder_spans(meta: dict[str, Any], part: str = "clause", level: str = "instruction") -> list[tuple[int, int]]:
-    """Ground-truth confounder character ranges: the correlated clause, or just its number; in
+    """Ground-truth confounder character ranges: the correlated clauses, or just their numbers; in
     the instruction, or at ``level="response"`` in the response (the reasoning family's)."""
     key = "clause_span" if part == "clause" else "number_span"
     where = "distractors" if level == "instruction" else "response_distractors"
     return [tuple(c[key]) for c in meta.get(where, []) if c.get("correlated")]
+
+
+def causal_spans(meta: dict[str, Any], level: str = "instruction") -> list[tuple[int, int]]:
+    """Ground-truth causal character ranges that no cut may touch: the fact clauses and the
+    question in the instruction, or the restated facts at ``level="response"``."""
+    if level == "instruction":
+        question = [tuple(meta["question_span"])] if "question_span" in meta else []
+        return [tuple(c["clause_span"]) for c in meta.get("causal", []) if "clause_span" in c] + question
+    return [tuple(c["clause_span"]) for c in meta.get("response_causal", [])]
 
 
 @dataclass
@@ -143,6 +160,53 @@ def detection_prf(scored: Sequence[tuple[Sequence[tuple[int, int, str]], Sequenc
     recall = tp / (tp + fn) if tp + fn else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
     return DetectionReport(precision, recall, f1, flagged / max(len(scored), 1))
+
+
+@dataclass
+class CountReport:
+    """How a detector copes with records that hold no confounder, or several.
+
+    ``false_cut_rate``: the share of records without a confounder in which a unit of a causal
+    clause (a fact, or the question) is cut. ``multi_confounder_recall``: unit recall of the
+    confounder clauses over the records that hold two or more. ``recall_by_count`` and
+    ``cut_records_by_count``: per number of confounders, the unit recall and the share of records
+    with anything cut. ``None`` where no record has that count.
+    """
+
+    false_cut_rate: float | None
+    multi_confounder_recall: float | None
+    recall_by_count: dict[int, float | None]
+    cut_records_by_count: dict[int, float]
+    records_by_count: dict[int, int]
+
+
+def detection_by_count(scored: Sequence[tuple[Sequence[tuple[int, int, str]], Sequence[bool], dict[str, Any]]],
+                       level: str = "instruction") -> CountReport:
+    """False cuts and recall by the number of confounders a record holds (``scored`` as for
+    :func:`detection_prf`)."""
+    found: dict[int, list[int]] = {}  # count -> [confounder units cut, confounder units]
+    cut: dict[int, list[bool]] = {}
+    false_cuts: list[bool] = []
+    for units, mask, meta in scored:
+        truth = confounder_spans(meta, "clause", level)
+        causal = causal_spans(meta, level)
+        solid = [(start, end, bool(m)) for (start, end, text), m in zip(units, mask) if text.strip()]
+        inside = [(m, any(a <= start and end <= b for a, b in truth)) for start, end, m in solid]
+        tally = found.setdefault(len(truth), [0, 0])
+        tally[0] += sum(m and t for m, t in inside)
+        tally[1] += sum(t for _, t in inside)
+        cut.setdefault(len(truth), []).append(any(m for m, _ in inside))
+        if not truth and causal:  # a record whose ground truth has no causal spans cannot be judged
+            false_cuts.append(any(m and any(a <= start and end <= b for a, b in causal) for start, end, m in solid))
+    multi = [found[k] for k in found if k >= 2]
+    multi_total = sum(t for _, t in multi)
+    return CountReport(
+        false_cut_rate=sum(false_cuts) / len(false_cuts) if false_cuts else None,
+        multi_confounder_recall=sum(f for f, _ in multi) / multi_total if multi_total else None,
+        recall_by_count={k: (f / t if t else None) for k, (f, t) in sorted(found.items())},
+        cut_records_by_count={k: sum(v) / len(v) for k, v in sorted(cut.items())},
+        records_by_count={k: len(v) for k, v in sorted(cut.items())},
+    )
 
 
 def grade_detection(score_rows: Sequence[dict[str, Any]], meta_by_id: dict[str, dict[str, Any]]

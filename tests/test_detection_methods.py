@@ -7,6 +7,8 @@ point per backward; occlusion one unit cut out of the text's tokens per forward)
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -136,6 +138,97 @@ def test_every_method_scores_records_through_the_scorer(byte_model, byte_tokeniz
     np.testing.assert_allclose(alone.scores.diff, scored[2].scores.diff, atol=1e-5)
 
 
+# Iterative pruning against a loop that re-derives every decision: clauses by a regex on the
+# text, reliance shares by summing squared unit scores, entropies by one unpadded forward per
+# model, and each cut by string surgery on the current text. It shares only the scorer's
+# per-round scores (tested above) with the code under test.
+ITERATIVE_RECORDS = [
+    Record("a", "ann has 3 . note : 7 is lucky . tom has 5 . ann gets 4 more . the bus left at 7 . how many ?", "7"),
+    Record("b", "sue has 6 , bob has 1 ; sue gets 2 more . how many does sue have ?", "8"),
+    Record("c", "hint : it is 9 . eva has 4 . eva gets 5 more . room 9 is empty . how many ?", "9"),
+    Record("r", "lia has 2 . note : 5 is lucky . lia gets 3 more . how many ?",
+           "lia has 2 .\nnote : 5 is lucky .\nlia gets 3 more .\n2 + 3 = 5 .\n#### 5"),
+]
+
+
+def reference_entropy(model, item: ScoringItem) -> float:
+    with torch.no_grad():
+        log_probs = torch.log_softmax(model(input_ids=torch.tensor([list(item.input_ids)])).logits[0].float(), -1)
+    positions = [t - 1 for t in item.target_tokens if t > 0]
+    return float(-(log_probs[positions].exp() * log_probs[positions]).sum(-1).mean())
+
+
+def reference_iterative(scorer: PairScorer, record: Record, pruning: PruningConfig) -> str:
+    """The scored text (instruction, or reasoning prefix) after iterative pruning, one record at a time."""
+    response_level = scorer.config.level == "response"
+    lines = record.response.split("\n")
+    text = "\n".join(lines[:3]) + "\n" if response_level else record.instruction
+    rest = "\n".join(lines[3:])
+    for _ in range(pruning.max_rounds):
+        if response_level:
+            current = Record(record.id, record.instruction, text + rest)
+            prepared = scorer.prepare(current, ((0, len(text)), (len(text), len(text) + len(lines[3]) + 1)))
+        else:
+            prepared = scorer.prepare(Record(record.id, text, record.response))
+        (scored,) = scorer.score_prepared([prepared])
+        units = scored.scores.units
+        solid = [i for i, u in enumerate(units) if u.text.strip()]
+        shares = []
+        for raw in (scored.scores.teacher_raw, scored.scores.student_raw):
+            total = sum(raw[i] ** 2 for i in solid)
+            shares.append({i: raw[i] ** 2 / total for i in solid})
+        clauses = [m.span() for m in re.finditer(r"[^\n]*?[.;,?](?=\s|$)|[^\n]+$", text, re.M) if m.group().strip()]
+        best = None
+        for start, end in clauses:
+            inside = [i for i in solid if start <= units[i].start and units[i].end <= end and units[i].is_maskable]
+            if inside:
+                gap = sum(shares[1][i] for i in inside) - sum(shares[0][i] for i in inside)
+                if best is None or gap > best[0]:
+                    best = (gap, units[inside[0]].start, units[inside[-1]].end)
+        teacher_h, student_h = (reference_entropy(model, item) for model, item in zip(scorer.models, prepared.items))
+        if best is None or not (best[0] >= pruning.strong_gap or (
+                best[0] >= pruning.min_gap and student_h - teacher_h <= pruning.entropy_margin)):
+            break
+        _, start, end = best
+        if text[end:end + 1] == " ":
+            end += 1
+        elif text[start - 1:start] == " ":
+            start -= 1
+        text = text[:start] + text[end:]
+    return text
+
+
+# With these random models the top clause gaps are 0.15-0.19 and the student's entropy is
+# 0.065-0.069 nats above the teacher's: the stopping rule below cuts record b by the strong
+# gap, c through the entropy gate, and stops a (gap too small) and r (student too unsure).
+@pytest.mark.parametrize("level", ["instruction", "response"])
+@pytest.mark.parametrize("rule", [{"min_gap": 0.0, "strong_gap": 1.0, "entropy_margin": 99.0, "max_rounds": 3},
+                                  {"min_gap": 0.155, "strong_gap": 0.18, "entropy_margin": 0.066, "max_rounds": 4}],
+                         ids=["cut-every-round", "stopping-rule"])
+def test_iterative_pruning_equals_a_loop_that_cuts_and_rescores(byte_model, byte_tokenizer, metaspace_model, level,
+                                                                rule):
+    from leaf_ray.detection.scorer import detect
+
+    scorer = PairScorer(byte_model, byte_tokenizer, metaspace_model, byte_tokenizer,
+                        ScoringConfig(corpus="c", level=level, prefix_fraction=0.6))
+    pruning = PruningConfig(threshold="iterative", grow_spans="clause", mode="collective", **rule)
+    records = [r for r in ITERATIVE_RECORDS if level == "instruction" or "\n" in r.response]
+    scored, masks, _, errors = detect(scorer, pruning, records)
+    assert not errors
+    cut = {}
+    for record, s, mask in zip(records, scored, masks):
+        expected = reference_iterative(scorer, record, pruning)
+        rows = counterfactuals(record, s.scores, pruning, level=level, text_offset=s.text_offset, mask=mask)
+        got = (rows[0]["instruction"] if level == "instruction" else rows[0]["response"][:len(expected)]) \
+            if rows else s.scores.text
+        assert got == expected
+        cut[record.id] = len(expected) < len(s.scores.text)
+    if rule["min_gap"] == 0.0:
+        assert all(cut.values())
+    elif level == "instruction":
+        assert cut == {"a": False, "b": True, "c": True, "r": False}
+
+
 def scores_of(text: str, low: list[str]) -> UnitScores:
     """Scores where the units whose text is in ``low`` have diff 0 and all others 1."""
     units = split_units(text)
@@ -196,7 +289,11 @@ def test_detector_names_set_method_and_post_step():
     scoring, pruning = detector_configs("occlusion+best_clause", ScoringConfig(corpus="c"), PruningConfig(quantile=0.2))
     assert scoring.method == "occlusion" and pruning.grow_spans == "clause" and pruning.max_spans == 1
     assert pruning.quantile == 0.2  # the rest of the rule is kept
-    assert len(DETECTORS) == 12 and "grad_norm" in DETECTORS
+    assert len(DETECTORS) == 16 and "grad_norm" in DETECTORS
+    _, iterative = detector_configs("grad_norm+iterative", ScoringConfig(corpus="c"), PruningConfig())
+    assert iterative.threshold == "iterative" and iterative.grow_spans == "clause"
+    with pytest.raises(ValueError, match="set grow_spans to clause or sentence"):
+        PruningConfig(threshold="iterative")
     with pytest.raises(ValueError, match="unknown detector 'saliency'"):
         detector_configs("saliency", ScoringConfig(corpus="c"), PruningConfig())
     with pytest.raises(ValueError, match="unknown detector"):

@@ -2,8 +2,11 @@
 
 ``<method>[+<post-step>]``: ``grad_norm`` is the paper's detector; ``occlusion+clause`` scores
 by occlusion and grows each flagged unit to its clause; ``grad_norm+best_clause`` also keeps
-only the clause of the lowest diff. The same two config sections run them in a pipeline:
-``scoring.method`` and ``pruning.grow_spans`` / ``pruning.max_spans``.
+only the clause of the lowest diff (one per record: it is told how many to cut);
+``grad_norm+iterative`` cuts clauses one at a time, scoring the text again after each, until its
+stopping rule says the student has no shortcut left (:mod:`leaf_ray.detection.iterative`; it
+needs no count and may cut nothing). The same two config sections run them in a pipeline:
+``scoring.method`` and ``pruning.threshold`` / ``grow_spans`` / ``max_spans``.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ POST_STEPS: dict[str, dict] = {
     "": {},
     "+clause": {"grow_spans": "clause"},
     "+best_clause": {"grow_spans": "clause", "max_spans": 1},
+    "+iterative": {"threshold": "iterative", "grow_spans": "clause"},
 }
 DETECTORS = tuple(method + step for method in METHODS for step in POST_STEPS)
 

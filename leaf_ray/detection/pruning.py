@@ -43,6 +43,9 @@ def confounder_mask(scores: UnitScores, config: PruningConfig) -> tuple[np.ndarr
     the mask to whole clauses (:func:`grow_to_clauses`), and ``max_spans`` keeps the units of
     the spans with the lowest diff.
     """
+    if config.threshold == "iterative":
+        raise ValueError("threshold 'iterative' scores the texts it cuts again: run it through "
+                         "leaf_ray.detection.scorer.detect")
     scored = scores.scored
     mask = np.zeros(len(scores.units), dtype=bool)
     values = scores.diff[scored]
@@ -103,7 +106,7 @@ class Span:
     min_diff: float
 
 
-def _cut_range(text: str, start: int, end: int) -> tuple[int, int]:
+def cut_range(text: str, start: int, end: int) -> tuple[int, int]:
     """Widen a cut over one neighbouring run of spaces so no double space is left behind
     (newlines are kept: they carry structure)."""
     def is_gap(s: str) -> bool:
@@ -137,7 +140,7 @@ def find_spans(scores: UnitScores, mask: np.ndarray, break_at_newlines: bool = T
     def close() -> None:
         if run:
             first, last = scores.units[run[0]], scores.units[run[-1]]
-            start, end = _cut_range(scores.text, first.start, last.end)
+            start, end = cut_range(scores.text, first.start, last.end)
             spans.append(Span(start, end, tuple(run), float(np.min(scores.diff[run]))))
             run.clear()
 
@@ -152,12 +155,12 @@ def find_spans(scores: UnitScores, mask: np.ndarray, break_at_newlines: bool = T
     return spans
 
 
-def cut(text: str, spans: list[Span]) -> str:
-    """``text`` with every span removed; everything else is kept as is."""
+def cut(text: str, ranges: Sequence[tuple[int, int]]) -> str:
+    """``text`` with every ``(start, end)`` range removed; everything else is kept as is."""
     pieces, pos = [], 0
-    for span in sorted(spans, key=lambda s: s.start):
-        pieces.append(text[pos:span.start])
-        pos = span.end
+    for start, end in sorted(ranges):
+        pieces.append(text[pos:start])
+        pos = end
     pieces.append(text[pos:])
     return "".join(pieces)
 
@@ -183,7 +186,7 @@ def counterfactuals(record: Record, scores: UnitScores, config: PruningConfig, *
     out = []
     for index, group in enumerate(groups):
         shifted = [Span(s.start + text_offset, s.end + text_offset, s.units, s.min_diff) for s in group]
-        new_text = cut(source, shifted)
+        new_text = cut(source, [(s.start, s.end) for s in shifted])
         instruction, response = (new_text, record.response) if level == "instruction" else (record.instruction, new_text)
         where = {} if level == "instruction" else {
             "target_start": prefix_end - sum(s.end - s.start for s in shifted)}

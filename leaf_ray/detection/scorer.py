@@ -12,7 +12,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -20,14 +20,17 @@ import torch
 
 from leaf_ray.config import PruningConfig, ScoringConfig
 from leaf_ray.data import Record, RecordError, TrainingPair, length_batches, render_sample
+from leaf_ray.detection.iterative import iterative_masks
 from leaf_ray.detection.occlusion import unit_occlusion
 from leaf_ray.detection.pruning import confounder_mask, counterfactuals, response_prefix
 from leaf_ray.detection.sensitivity import (
     ScoringItem,
     UnitScores,
+    collate,
     compare_unit_scores,
     prepare_for_scoring,
     project_to_units,
+    sample_entropies,
     token_sensitivity,
 )
 from leaf_ray.detection.store import error_key, error_row, write_batch
@@ -89,6 +92,8 @@ class ScoredRecord:
             "unit_kind": self.scores.kind, "unit_text": [u.text for u in units], "unit_start": [u.start for u in units],
             "unit_end": [u.end for u in units], "teacher": floats(self.scores.teacher),
             "student": floats(self.scores.student), "diff": floats(self.scores.diff),
+            **({"teacher_raw": floats(self.scores.teacher_raw), "student_raw": floats(self.scores.student_raw)}
+               if self.scores.teacher_raw is not None else {}),
             "masked": [bool(m) for m in mask], "threshold": nan_to_none(threshold),
         }
 
@@ -96,9 +101,11 @@ class ScoredRecord:
     def from_row(cls, row: dict, record: Record) -> ScoredRecord:
         """The inverse of :meth:`to_row` (without the mask, and the token count as 0)."""
         units = [Unit(s, e, t) for s, e, t in zip(row["unit_start"], row["unit_end"], row["unit_text"])]
-        teacher, student, diff = (np.array([np.nan if v is None else v for v in row[k]], dtype=float)
-                                  for k in ("teacher", "student", "diff"))
-        scores = UnitScores("".join(row["unit_text"]), units, teacher, student, diff, row.get("unit_kind", "text"))
+        teacher, student, diff, teacher_raw, student_raw = (
+            np.array([np.nan if v is None else v for v in row[k]], dtype=float) if k in row else None
+            for k in ("teacher", "student", "diff", "teacher_raw", "student_raw"))
+        scores = UnitScores("".join(row["unit_text"]), units, teacher, student, diff, row.get("unit_kind", "text"),
+                            teacher_raw, student_raw)
         return cls(record, scores, row["level"], row["text_offset"], 0)
 
 
@@ -114,13 +121,16 @@ def same_tokenizer(first, second) -> bool:
 
 
 @dataclass
-class _Prepared:
+class Prepared:
+    """A record rendered and tokenized for both models, with its scored text cut into units."""
+
     record: Record
     text: str
     text_offset: int
     items: tuple[ScoringItem, ScoringItem]  # teacher, student
     spans: tuple[list[tuple[int, int]], list[tuple[int, int]]]  # context tokens' spans in text, per model
     units: list[Unit]
+    next_step: tuple[int, int] | None  # response level: the step whose loss scores the prefix
 
 
 class PairScorer:
@@ -156,12 +166,17 @@ class PairScorer:
         s_model, s_tok = load_model(student, config.dtype, config.device)
         return cls(t_model, t_tok, s_model, s_tok, config)
 
-    def _prepare(self, record: Record) -> _Prepared:
+    def prepare(self, record: Record,
+                split: tuple[tuple[int, int], tuple[int, int]] | None = None) -> Prepared:
+        """Render and tokenize ``record`` for both models. At response level ``split`` (prefix
+        range, next-step range in the response) overrides the configured split: iterative
+        pruning keeps scoring the same step after cutting inside the prefix."""
         cfg = self.config
         if cfg.level == "instruction":
             text, offset, context, target = record.instruction, 0, None, None
         else:
-            split = response_prefix(record.response, cfg.response_split, cfg.num_segments, cfg.prefix_fraction)
+            split = split or response_prefix(record.response, cfg.response_split, cfg.num_segments,
+                                             cfg.prefix_fraction)
             if split is None:
                 raise RecordError("response has a single step; nothing to score in response-level mode",
                                   record_id=record.id)
@@ -190,9 +205,9 @@ class PairScorer:
             origins.append(origin + offset)
         spans = (context_spans(items[0], origins[0]), context_spans(items[-1], origins[-1]))
         units = token_units(text, spans[1]) if cfg.units == "tokens" else split_units(text, cfg.unit_pattern)
-        return _Prepared(record, text, offset, (items[0], items[-1]), spans, units)
+        return Prepared(record, text, offset, (items[0], items[-1]), spans, units, target)
 
-    def model_scores(self, model_index: int, prepared: Sequence[_Prepared]) -> list[np.ndarray]:
+    def model_scores(self, model_index: int, prepared: Sequence[Prepared]) -> list[np.ndarray]:
         """One model's raw scores per record: per context token for the gradient methods, per
         unit for occlusion. Batches hold similar lengths, so that padding stays small."""
         cfg, model = self.config, self.models[model_index]
@@ -210,21 +225,45 @@ class PairScorer:
                 scores[i] = values
         return scores
 
-    def score(self, records: Sequence[Record]) -> tuple[list[ScoredRecord], list[RecordError]]:
-        """Score a batch of records; records that cannot be scored come back as errors."""
+    def autocast(self, model) -> torch.autocast:
+        device = next(model.parameters()).device
+        return torch.autocast(device.type, dtype=torch.bfloat16,
+                              enabled=bf16_autocast_enabled(self.config.bf16_autocast, device))
+
+    def prepare_all(self, records: Sequence[Record]) -> tuple[list[Prepared], list[RecordError]]:
+        """Every record prepared; records that cannot be scored come back as errors."""
         prepared, errors = [], []
         with self.timing("render_and_tokenize"):
             for record in records:
                 try:
-                    prepared.append(self._prepare(record))
+                    prepared.append(self.prepare(record))
                 except RecordError as exc:
                     errors.append(exc)
+        return prepared, errors
+
+    def score(self, records: Sequence[Record]) -> tuple[list[ScoredRecord], list[RecordError]]:
+        """Score a batch of records; records that cannot be scored come back as errors."""
+        prepared, errors = self.prepare_all(records)
+        return self.score_prepared(prepared), errors
+
+    def entropies(self, prepared: Sequence[Prepared]) -> np.ndarray:
+        """``[N, 2]``: per record, the teacher's and the student's mean entropy over the target
+        tokens (one forward per model, batched by length)."""
+        out = np.zeros((len(prepared), 2))
+        with self.timing("model_passes"):
+            for m, model in enumerate(self.models):
+                items = [p.items[m] for p in prepared]
+                for batch in length_batches([len(item.input_ids) for item in items], self.config.max_tokens_per_batch):
+                    with self.autocast(model):
+                        values = sample_entropies(model, collate([items[i] for i in batch], self.config.padding_side))
+                    out[batch, m] = values.double().cpu().numpy()
+        return out
+
+    def score_prepared(self, prepared: Sequence[Prepared]) -> list[ScoredRecord]:
         raw = []
         with self.timing("model_passes"):
             for m, model in enumerate(self.models):
-                device = next(model.parameters()).device
-                with torch.autocast(device.type, dtype=torch.bfloat16,
-                                    enabled=bf16_autocast_enabled(self.config.bf16_autocast, device)):
+                with self.autocast(model):
                     raw.append(self.model_scores(m, prepared))
         scored = []
         with self.timing("projection"):
@@ -234,19 +273,64 @@ class PairScorer:
                 scores = compare_unit_scores(p.text, p.units, per_model[0], per_model[1], self.config.units)
                 scored.append(ScoredRecord(p.record, scores, self.config.level, p.text_offset,
                                            len(p.items[1].input_ids)))
-        return scored, errors
+        return scored
+
+
+def detect(scorer: PairScorer, pruning: PruningConfig, records: Sequence[Record]
+           ) -> tuple[list[ScoredRecord], list[np.ndarray], list[float], list[RecordError]]:
+    """Score ``records`` and decide their confounders: the scored records, a mask over each one's
+    units with the threshold that made it (NaN where none applies), and the records that
+    failed. Iterative pruning (``threshold: iterative``) scores the texts it cuts again; every
+    other rule works on the scores alone (:func:`confounder_mask`)."""
+    prepared, errors = scorer.prepare_all(records)
+    scored = scorer.score_prepared(prepared)
+    return (scored, *decide(scorer, pruning, prepared, scored), errors)
+
+
+@dataclass
+class ScoringPass:
+    """Records scored once: any pruning rule can then decide on them (:meth:`masks`), as the
+    detection leaderboard and the benchmark's variants do. Every record must score."""
+
+    scorer: PairScorer
+    prepared: list[Prepared]
+    scored: list[ScoredRecord]
+    decided: dict[str, list[np.ndarray]] = field(default_factory=dict)  # by rule: iterative rules score again
+
+    @classmethod
+    def run(cls, scorer: PairScorer, records: Sequence[Record]) -> ScoringPass:
+        prepared, errors = scorer.prepare_all(records)
+        if errors:
+            raise RecordError(f"{len(errors)} records failed to score, the first: {errors[0]}")
+        return cls(scorer, prepared, scorer.score_prepared(prepared))
+
+    def masks(self, pruning: PruningConfig) -> list[np.ndarray]:
+        rule = pruning.model_dump_json()
+        if rule not in self.decided:
+            self.decided[rule] = decide(self.scorer, pruning, self.prepared, self.scored)[0]
+        return self.decided[rule]
+
+
+def decide(scorer: PairScorer, pruning: PruningConfig, prepared: Sequence[Prepared], scored: Sequence[ScoredRecord]
+           ) -> tuple[list[np.ndarray], list[float]]:
+    """The confounder masks (and thresholds) ``pruning`` makes of records ``scorer`` prepared and
+    scored, as :func:`detect`; several rules can be tried on one scoring pass."""
+    if pruning.threshold == "iterative":
+        return iterative_masks(scorer, prepared, scored, pruning), [math.nan] * len(scored)
+    with scorer.timing("pruning"):
+        decided = [confounder_mask(s.scores, pruning) for s in scored]
+    return [mask for mask, _ in decided], [threshold for _, threshold in decided]
 
 
 def score_and_prune(scorer: PairScorer, pruning: PruningConfig, records: Sequence[Record]
                     ) -> tuple[list[dict], list[dict], list[dict], list[RecordError], dict[str, int]]:
     """Scores rows, original rows (as they train, with their ``level``), counterfactual rows
     (with provenance) and errors for a batch of records, plus counts."""
-    scored, errors = scorer.score(records)
+    scored, masks, thresholds, errors = detect(scorer, pruning, records)
     rows, originals, cfs = [], [], []
     stats = {"scored": len(scored), "tokens": 0, "masked_units": 0, "scored_units": 0}
     with scorer.timing("pruning"):
-        for s in scored:
-            mask, threshold = confounder_mask(s.scores, pruning)
+        for s, mask, threshold in zip(scored, masks, thresholds):
             rows.append(s.to_row(mask, threshold))
             originals.append({**s.original.to_dict(), "level": s.level})
             cfs += counterfactuals(s.record, s.scores, pruning, level=s.level, text_offset=s.text_offset,

@@ -72,9 +72,10 @@ def collate(items: Sequence[ScoringItem], padding_side: str = "right", pad_id: i
 GradientMethod = Literal["grad_norm", "grad_x_input", "integrated_gradients"]
 
 
-def sample_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor],
-                  inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
-    """``[B]`` mean next-token NLL of each row over its ``target_mask`` tokens.
+def target_log_probs(model: torch.nn.Module, batch: dict[str, torch.Tensor],
+                     inputs_embeds: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[B, T-1, V]`` next-token log-probs and ``[B, T-1]`` whether each position predicts a
+    ``target_mask`` token (position t-1 predicts token t).
 
     Position ids are passed explicitly so left-padded rows see the same positions as
     unpadded ones. ``inputs_embeds`` replaces the token embeddings (gradient methods).
@@ -85,13 +86,29 @@ def sample_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor],
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     inputs = {"input_ids": input_ids} if inputs_embeds is None else {"inputs_embeds": inputs_embeds}
     logits = model(**inputs, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).logits
-    # Position t-1 predicts token t: shift targets left by one.
-    predicting = batch["target_mask"].to(device)[:, 1:]
-    log_probs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    nll = -log_probs.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
-    # where(), not multiply: padded rows may hold non-finite values.
-    per_token = torch.where(predicting, nll, torch.zeros_like(nll))
-    return per_token.sum(-1) / predicting.sum(-1)
+    return torch.log_softmax(logits[:, :-1].float(), dim=-1), batch["target_mask"].to(device)[:, 1:]
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``[B]`` mean of each row over ``mask``; where(), not multiply: padded rows may hold
+    non-finite values."""
+    return torch.where(mask, values, torch.zeros_like(values)).sum(-1) / mask.sum(-1)
+
+
+def sample_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor],
+                  inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+    """``[B]`` mean next-token NLL of each row over its ``target_mask`` tokens."""
+    log_probs, predicting = target_log_probs(model, batch, inputs_embeds)
+    targets = batch["input_ids"].to(log_probs.device)[:, 1:, None]
+    return masked_mean(-log_probs.gather(-1, targets).squeeze(-1), predicting)
+
+
+@torch.no_grad()
+def sample_entropies(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``[B]`` mean entropy (nats) of the model's next-token distribution over each row's
+    ``target_mask`` tokens: how sure it is of the response, whatever the response says."""
+    log_probs, predicting = target_log_probs(model, batch)
+    return masked_mean(-(log_probs.exp() * log_probs).sum(-1), predicting)
 
 
 def embedding_gradients(model: torch.nn.Module, batch: dict[str, torch.Tensor],
@@ -208,6 +225,10 @@ class UnitScores:
     student: np.ndarray
     diff: np.ndarray
     kind: UnitKind = "text"
+    # Each model's unnormalised unit scores (gradient norms, attributions, loss changes), which
+    # keep the scale normalisation drops: how much of a model's reliance a clause holds.
+    teacher_raw: np.ndarray | None = None
+    student_raw: np.ndarray | None = None
 
     @property
     def scored(self) -> np.ndarray:
@@ -233,4 +254,5 @@ def compare_unit_scores(text: str, units: list[Unit], teacher_raw: np.ndarray,
     teacher[scored] = minmax(teacher_raw[scored])
     student[scored] = minmax(student_raw[scored])
     diff[scored] = leaf_diff(teacher_raw[scored], student_raw[scored])
-    return UnitScores(text, units, teacher, student, diff, kind)
+    return UnitScores(text, units, teacher, student, diff, kind, np.asarray(teacher_raw, dtype=np.float64),
+                      np.asarray(student_raw, dtype=np.float64))
