@@ -31,9 +31,12 @@ cluster: $(STAMP)
 	$(RAY_ENV) ray status >/dev/null 2>&1 || { \
 	  $(RAY_ENV) ray get-auth-token --generate >/dev/null && $(RAY_ENV) ray start --head $(RAY_HEAD_ARGS); }
 
-# The pipeline as a Ray job on that cluster. The cluster stays up afterwards, serving the LeaF
-# student; `make stop` shuts it down.
+# The pipeline as two Ray jobs on that cluster: the stage run (the reasoning family: response-level
+# scoring and the instruction + response variants), then the effect run (LeaF against KD on the
+# simple family, the LeaF student served and asked a held-out conflict question). The cluster stays
+# up afterwards, serving the LeaF student; `make stop` shuts it down.
 demo: cluster
+	$(RAY_ENV) ray job submit --working-dir . -- python jobs/pipeline.py --config configs/demo-reasoning.yaml --run-dir $(CURDIR)/runs/demo-reasoning
 	$(RAY_ENV) ray job submit --working-dir . -- python jobs/pipeline.py --config configs/demo.yaml --run-dir $(CURDIR)/runs/demo
 
 # vLLM's engine runs in a child process of its Serve replica; when `ray stop` kills the replica,
@@ -54,17 +57,20 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_teacher_cache.py
 	$(PY) benchmarks/bench_serve.py
 
-# The embedded benchmark's distillation variants and controls, 3 seeds: simple and hard, then
-# the reasoning family with leaf_instr_resp (14 minutes on 2 cores); then the detection
-# leaderboard of every family and LeaF with the two best detectors on the hard family.
+# The embedded benchmark, every row on the current build: the detection leaderboard of every
+# family; then the distillation variants and controls, 3 seeds, on the simple and hard families'
+# main corpus (LeaF and the random control cut with grad_norm+iterative; the paper's detector and
+# best_clause as named rows) and their confounded corpus; then the reasoning family with the
+# instruction + response variants. Hours on 2 cores: the README gives each part's time.
+REPRODUCE := $(VENV)/bin/leaf-ray bench reproduce
 reproduce: $(STAMP)
-	$(VENV)/bin/leaf-ray bench reproduce
-	$(VENV)/bin/leaf-ray bench reproduce --embedded assets/embedded-reasoning --families reasoning \
-	  --config configs/reproduce-reasoning.yaml --variants kd,kd_compute_matched,leaf,leaf_instr_resp,random,oracle
 	$(VENV)/bin/leaf-ray bench detect
 	$(VENV)/bin/leaf-ray bench detect --embedded assets/embedded-reasoning --families reasoning
-	$(VENV)/bin/leaf-ray bench reproduce --families hard --config configs/reproduce-detectors.yaml \
-	  --variants kd,oracle,leaf@grad_norm,leaf@grad_norm+best_clause,leaf@occlusion+best_clause
+	$(REPRODUCE) --config configs/reproduce.yaml \
+	  --variants kd,kd_compute_matched,leaf,random,oracle,leaf@grad_norm,leaf@grad_norm+best_clause
+	$(REPRODUCE) --config configs/reproduce.yaml --corpus distill_confounded --variants kd,leaf,oracle
+	$(REPRODUCE) --embedded assets/embedded-reasoning --families reasoning --config configs/reproduce-reasoning.yaml \
+	  --variants kd,kd_compute_matched,leaf,leaf_instr_resp,random,oracle,oracle_instr_resp
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

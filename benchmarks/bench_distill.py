@@ -39,7 +39,7 @@ from torch.utils._pytree import tree_flatten
 from leaf_ray.config import DistillationConfig, PruningConfig, ScoringConfig
 from leaf_ray.data import encode_for_training as encode_records
 from leaf_ray.data import iter_records, pad_token_id
-from leaf_ray.detection.scorer import PairScorer
+from leaf_ray.detection.scorer import PairScorer, detect
 from leaf_ray.distillation.loop import accumulate_gradients, make_optimizer, sample_batch
 from leaf_ray.distillation.losses import distill_loss
 from leaf_ray.distillation.variants import variant_pairs
@@ -124,8 +124,9 @@ def loss_peak_bytes(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
 def make_batches(teacher, student, tokenizer, steps: int, batch_size: int, seed: int):
     """LeaF batches from 512 records scored and pruned by the real pipeline."""
     records = list(iter_records(EMBEDDED / "data" / "simple" / "distill.jsonl"))[:512]
-    scored, _ = PairScorer(teacher, tokenizer, student, tokenizer, ScoringConfig(corpus="c")).score(records)
-    pairs = variant_pairs("leaf", scored, PruningConfig(), seed)
+    scorer = PairScorer(teacher, tokenizer, student, tokenizer, ScoringConfig(corpus="c"))
+    scored, masks, _, _ = detect(scorer, PruningConfig(), records)
+    pairs = variant_pairs("leaf", scored, PruningConfig(), seed, masks)
     config = DistillationConfig(batch_size=batch_size, lam=0.5)
     rng = random.Random(seed)
     return [sample_batch(pairs, config, batch_size, rng) for _ in range(steps)]

@@ -40,7 +40,7 @@ import torch
 
 from leaf_ray.config import DistillationConfig, PruningConfig, ScoringConfig
 from leaf_ray.data import Record, encode_for_training, iter_records
-from leaf_ray.detection.scorer import PairScorer
+from leaf_ray.detection.scorer import PairScorer, detect
 from leaf_ray.distillation.loop import accumulate_gradients, encode_branch, make_optimizer, sample_batch
 from leaf_ray.distillation.losses import distill_loss, sparse_distill_loss, teacher_top_k
 from leaf_ray.distillation.teacher_cache import TeacherCache, cache_rows, training_set_records, write_cache
@@ -126,8 +126,9 @@ def main() -> None:
     student, _ = load_model(EMBEDDED / "student")
     vocab = min(teacher.config.vocab_size, student.config.vocab_size)
     corpus = list(iter_records(EMBEDDED / "data" / "simple" / "distill.jsonl"))
-    scored, _ = PairScorer(teacher, tokenizer, student, tokenizer, ScoringConfig(corpus="c")).score(corpus)
-    pairs = variant_pairs("leaf", scored, PruningConfig(), 0)
+    scorer = PairScorer(teacher, tokenizer, student, tokenizer, ScoringConfig(corpus="c"))
+    scored, masks, _, _ = detect(scorer, PruningConfig(), corpus)
+    pairs = variant_pairs("leaf", scored, PruningConfig(), 0, masks)
     rng = random.Random(0)
     batches = [sample_batch(pairs, CONFIG, CONFIG.batch_size, rng) for _ in range(args.steps)]
     tokens = sum(real_tokens(tokenizer, o) + real_tokens(tokenizer, c) for o, c in batches)

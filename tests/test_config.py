@@ -20,7 +20,7 @@ def test_example_configs_validate(path):
     if path.name.startswith("benchmark-"):  # another build's BenchmarkConfig
         assert load_config(path, BenchmarkConfig).output_dir != BenchmarkConfig().output_dir
         return
-    if path.name.startswith("reproduce-"):  # bench reproduce's shared DistillationConfig
+    if path.name.startswith("reproduce"):  # bench reproduce's shared DistillationConfig
         assert load_config(path, DistillationConfig).max_steps > 0
         return
     config = load_config(path, PipelineConfig)

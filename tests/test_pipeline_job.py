@@ -49,15 +49,15 @@ def test_submitted_pipeline_writes_the_report_and_models(cluster, tmp_path):
     assert "variant kd: lam: 0.5 -> 1.0" in job.stdout + job.stderr
 
     report = json.loads((run / "report.json").read_text())
-    assert set(report["accuracy"]) == {"teacher", "student", "kd", "leaf", "leaf_instr_resp"}
+    assert set(report["accuracy"]) == {"teacher", "student", "kd", "leaf", "leaf_instr_resp", "oracle_instr_resp"}
     for row in report["accuracy"].values():
         assert set(row) == {"test_conflict"} and all(0 <= v <= 1 for v in row.values())
     assert report["accuracy"]["teacher"]["test_conflict"] > 0.9  # the embedded teacher is right
     assert 0 < report["detection"]["clause"]["f1"] <= 1
-    assert set(report["attention"]) == {"student", "kd", "leaf", "leaf_instr_resp"}
+    assert set(report["attention"]) == {"student", "kd", "leaf", "leaf_instr_resp", "oracle_instr_resp"}
     assert len(report["samples"]) == 3
     assert {"prepare", "score", "score_response", "distill_kd", "distill_leaf", "distill_leaf_instr_resp",
-            "evaluate"} <= set(report["stages"])
+            "distill_oracle_instr_resp", "evaluate"} <= set(report["stages"])
     assert report["scoring"]["scored"] == report["scoring_response"]["scored"] == 2000
     # leaf_instr_resp trains on both levels' pairs; a response-level pair learns only after its prefix.
     pairs = read_training_set(run / "variants" / "leaf_instr_resp")
@@ -66,9 +66,22 @@ def test_submitted_pipeline_writes_the_report_and_models(cluster, tmp_path):
     response_pairs = [p for p in pairs if p.level == "response" and p.counterfactuals]
     assert response_pairs and all(p.original.target_start > 0 and c.target_start > 0
                                   for p in response_pairs for c in p.counterfactuals)
+    # Their counterfactuals lose the instruction's cuts too, where the instruction-level pass cut something.
+    cut_instructions = {p.original.id: p.counterfactuals[0].instruction for p in pairs
+                        if p.level == "instruction" and len(p.counterfactuals) == 1}
+    assert any(c.instruction == cut_instructions[p.original.id] != p.original.instruction
+               for p in response_pairs if p.original.id in cut_instructions for c in p.counterfactuals)
+    # The oracle cuts the ground-truth note from the prompt and the reasoning prefix together.
+    oracle = [p for p in read_training_set(run / "variants" / "oracle_instr_resp") if p.level == "response"]
+    with_note = [p for p in oracle if "note :" in p.original.instruction]
+    assert with_note and all(len(p.counterfactuals) == 1 for p in with_note)
+    for p in with_note:
+        (c,) = p.counterfactuals
+        assert "note :" not in c.instruction and "note :" not in c.response[:c.target_start]
+        assert c.response[c.target_start:] == p.original.response[p.original.target_start:]  # the same target
     html = (run / "report.html").read_text()
     assert "data:image/png;base64," in html and "LeaF" in html
-    for variant in ("kd", "leaf", "leaf_instr_resp"):
+    for variant in ("kd", "leaf", "leaf_instr_resp", "oracle_instr_resp"):
         export = json.loads((run / "distill" / variant / "export.json").read_text())
         assert export["metrics"]["step"] == 40
         assert export["lam"] == (1.0 if variant == "kd" else 0.5)  # the kd variant's rule, applied visibly
@@ -102,4 +115,5 @@ def test_scored_records_come_by_id_whatever_the_batches(tmp_path):
     for ids in batches:
         write_batch(config.layout.score, ids, [row(i) for i in ids],
                     [{"id": i, "instruction": "a", "response": "1", "level": "instruction"} for i in ids], [], [], {})
-    assert [s.record.id for s in scored_records(config)] == ["r0", "r1", "r2", "r3", "r4", "r5"]
+    scored, masks = scored_records(config)
+    assert [s.record.id for s in scored] == ["r0", "r1", "r2", "r3", "r4", "r5"] and len(masks) == 6

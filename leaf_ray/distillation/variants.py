@@ -5,10 +5,18 @@
 | kd                   | 1        | 1x    | none (the paper's "KD w/o mask")  |
 | kd_compute_matched   | 1        | 2x    | none; as many sequences as LeaF   |
 | leaf                 | config's | 1x    | the detected confounder spans     |
-| leaf_instr_resp      | config's | 1x    | instruction and reasoning prefix  |
-                                              (a pair per level and record)
+| leaf_instr_resp      | config's | 1x    | leaf's, plus a pair per record    |
+                                              whose reasoning prefix and
+                                              instruction are both cut
 | random               | config's | 1x    | random spans, as much text        |
-| oracle               | config's | 1x    | the ground-truth confounder       |
+| oracle               | config's | 1x    | the ground-truth confounders      |
+| oracle_instr_resp    | config's | 1x    | oracle's, plus the ground truth   |
+                                              cut from prefix and instruction
+
+A response-level counterfactual of the ``*_instr_resp`` variants cuts the record's instruction
+confounders too (those its instruction-level pair cuts): a reasoning that restates a prompt's
+shortcut leaves it in both places, and a counterfactual that removes only one copy still
+lets the student copy the other.
 
 :func:`variant_config` turns one distillation config into a variant's, and says what it
 changed; :func:`variant_pairs` builds a variant's training pairs from scored records.
@@ -17,14 +25,14 @@ changed; :func:`variant_pairs` builds a variant's training pairs from scored rec
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import numpy as np
 
 from leaf_ray.config import DistillationConfig, PruningConfig
 from leaf_ray.data import TrainingPair
-from leaf_ray.detection.pruning import confounder_mask, counterfactuals, mask_of_spans, random_mask_like
+from leaf_ray.detection.pruning import counterfactuals, cut, find_spans, mask_of_spans, random_mask_like
 from leaf_ray.detection.scorer import ScoredRecord
 from leaf_ray.evaluation import confounder_spans
 
@@ -45,7 +53,9 @@ VARIANTS: dict[str, Variant] = {
     "leaf_instr_resp": Variant("LeaF on instruction and reasoning-prefix counterfactuals", None, 1, "detected",
                                response_level=True),
     "random": Variant("control: as much text cut at random places", None, 1, "random"),
-    "oracle": Variant("control: the ground-truth confounder cut", None, 1, "oracle"),
+    "oracle": Variant("control: the ground-truth confounders cut", None, 1, "oracle"),
+    "oracle_instr_resp": Variant("control: the ground-truth confounders cut from the instruction and the "
+                                 "reasoning prefix", None, 1, "oracle", response_level=True),
 }
 
 
@@ -72,25 +82,53 @@ def variant_config(base: DistillationConfig, variant: str) -> tuple[Distillation
     return DistillationConfig.model_validate({**base.model_dump(), **update}), changes
 
 
-def variant_pairs(variant: str, scored: Sequence[ScoredRecord], pruning: PruningConfig, seed: int
-                  ) -> list[TrainingPair]:
-    """Originals with the counterfactuals ``variant`` trains on, cut from their scores."""
+def variant_masks(variant: str, scored: Sequence[ScoredRecord], detected: Sequence[np.ndarray], seed: int
+                  ) -> list[np.ndarray]:
+    """Per scored record, the units ``variant`` cuts: the detector's (``detected``), as many at
+    random places, or the ground truth's."""
     spans = VARIANTS[variant].spans
     rng = np.random.default_rng(seed)
-    pairs = []
-    for s in scored:
+    masks = []
+    for s, mask in zip(scored, detected):
         if spans == "none":
-            pairs.append(s.pair([]))
-            continue
-        detected, threshold = confounder_mask(s.scores, pruning)
-        if spans == "random":
-            mask = random_mask_like(s.scores, detected, rng)
+            mask = np.zeros(len(s.scores.units), dtype=bool)
+        elif spans == "random":
+            mask = random_mask_like(s.scores, mask, rng)
         elif spans == "oracle":
             truth = confounder_spans(s.record.meta, level=s.level)  # in the instruction / the response
             mask = mask_of_spans(s.scores, [(a - s.text_offset, b - s.text_offset) for a, b in truth])
-        else:
-            mask = detected
-        rows = counterfactuals(s.record, s.scores, pruning, level=s.level, text_offset=s.text_offset,
-                               mask=mask, threshold=threshold)
+        masks.append(mask)
+    return masks
+
+
+def variant_pairs(variant: str, scored: Sequence[ScoredRecord], pruning: PruningConfig, seed: int,
+                  detected: Sequence[np.ndarray]) -> list[TrainingPair]:
+    """Originals with the counterfactuals ``variant`` trains on, cut from their scores.
+
+    ``detected``: the detector's mask of each scored record (:func:`leaf_ray.detection.scorer.detect`,
+    or a scores file's ``masked``)."""
+    pairs = []
+    for s, mask in zip(scored, variant_masks(variant, scored, detected, seed)):
+        rows = [] if VARIANTS[variant].spans == "none" else counterfactuals(
+            s.record, s.scores, pruning, level=s.level, text_offset=s.text_offset, mask=mask)
         pairs.append(s.pair(rows))
     return pairs
+
+
+def with_instruction_cuts(pair: TrainingPair, cuts: dict[str, list[tuple[int, int]]]) -> TrainingPair:
+    """A response-level pair whose counterfactuals also lose the instruction ranges ``cuts`` holds
+    for its record (:func:`instruction_cuts`)."""
+    ranges = cuts.get(pair.original.id)
+    if pair.level != "response" or not ranges:
+        return pair
+    return replace(pair, counterfactuals=[replace(c, instruction=cut(c.instruction, ranges))
+                                          for c in pair.counterfactuals])
+
+
+def instruction_cuts(variant: str, scored: Sequence[ScoredRecord], pruning: PruningConfig, seed: int,
+                     detected: Sequence[np.ndarray]) -> dict[str, list[tuple[int, int]]]:
+    """Per record id, the instruction ranges ``variant`` cuts at instruction level (all its spans
+    together), for the response-level counterfactuals of the same records."""
+    return {s.record.id: [(span.start, span.end) for span in find_spans(s.scores, mask, pruning.break_at_newlines,
+                                                                       pruning.grow_spans)]
+            for s, mask in zip(scored, variant_masks(variant, scored, detected, seed))}

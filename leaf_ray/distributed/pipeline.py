@@ -20,6 +20,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from leaf_ray.config import PipelineConfig
 from leaf_ray.data import iter_records
 from leaf_ray.detection.scorer import ScoredRecord
@@ -30,7 +32,7 @@ from leaf_ray.detection.store import (
     read_training_set,
     write_training_set,
 )
-from leaf_ray.distillation.variants import VARIANTS, variant_pairs
+from leaf_ray.distillation.variants import VARIANTS, instruction_cuts, variant_pairs, with_instruction_cuts
 from leaf_ray.files import write_text_atomically
 
 
@@ -107,7 +109,7 @@ def run_pipeline(config: PipelineConfig, config_path: str | None = None) -> dict
 
     if config.serving is not None:
         with clock.stage("serve"):
-            report["serving"] = serve_and_query(config)
+            report["serving"] = serve_and_query(config, report.get("question"))
 
     report["stages"] = clock.stages
     write_report(layout.root, report)
@@ -132,61 +134,84 @@ class StageClock:
             entry["wall_s"] = round(time.perf_counter() - started, 2)
 
 
-def scored_records(config: PipelineConfig) -> list[ScoredRecord]:
-    """The instruction-level scores of the run, each with its original record, by id: the
-    random control draws its spans in this order, which must not depend on how the scoring
-    job happened to batch the corpus."""
-    records = {r.id: r for r in read_originals(config.layout.score)}
-    rows = sorted((row for row in read_scores(config.layout.score) if row["level"] == "instruction"),
-                  key=lambda row: row["id"])
-    return [ScoredRecord.from_row(row, records[row["id"]]) for row in rows]
+def scored_records(config: PipelineConfig, level: str = "instruction") -> tuple[list[ScoredRecord], list[np.ndarray]]:
+    """The run's scores at ``level``, each with its original record and the detector's mask, by
+    id: the random control draws its spans in this order, which must not depend on how the
+    scoring job happened to batch the corpus."""
+    store = config.layout.score if level == "instruction" else config.layout.score_response
+    records = {r.id: r for r in read_originals(store)}
+    rows = sorted((row for row in read_scores(store) if row["level"] == level), key=lambda row: row["id"])
+    return ([ScoredRecord.from_row(row, records[row["id"]]) for row in rows],
+            [np.array(row["masked"], dtype=bool) for row in rows])
 
 
 def training_set(config: PipelineConfig, variant: str) -> Path:
     """The training set a variant trains on: the scoring (or verification) output for KD and
-    LeaF; for leaf_instr_resp, those pairs and the response-level pass's together; for the
-    controls, counterfactuals cut from other spans. Sets of several sources are written once."""
+    LeaF; for the controls, counterfactuals cut from other spans; for the ``*_instr_resp``
+    variants, those pairs and the response-level pass's, whose counterfactuals also lose the
+    instruction's cuts. Sets of several sources are written once."""
     layout = config.layout
     rules = VARIANTS[variant]
     instruction = layout.verify if config.verification else layout.score
     if rules.spans not in ("random", "oracle") and not rules.response_level:
         return instruction
     folder = layout.variant_data(variant)
-    if not is_training_set(folder):
-        if rules.response_level:
+    if is_training_set(folder):
+        return folder
+    seed, pruning = config.distillation.seed, config.pruning
+    scored, detected = scored_records(config)
+    if rules.spans == "detected":  # the scoring job's (or verification's) own pairs
+        pairs = read_training_set(instruction)
+    else:
+        pairs = variant_pairs(variant, scored, pruning, seed, detected)
+    if rules.response_level:
+        cuts = instruction_cuts(variant, scored, pruning, seed, detected)
+        if rules.spans == "detected":
             response = read_training_set(layout.verify_response if config.verification else layout.score_response)
-            if not response:
-                raise ValueError(f"{variant}: the response-level pass kept no record (see "
-                                 f"{layout.score_response}/errors: a single-step response has no reasoning "
-                                 "prefix to prune); use a corpus with multi-step responses or drop the variant")
-            pairs = read_training_set(instruction) + response
         else:
-            pairs = variant_pairs(variant, scored_records(config), config.pruning, seed=config.distillation.seed)
-        write_training_set(folder, pairs, {"variant": variant, "pairs": len(pairs),
-                                           "response_level_pairs": sum(p.level == "response" for p in pairs)})
+            response_scored, response_detected = scored_records(config, "response")
+            response = variant_pairs(variant, response_scored, pruning, seed, response_detected)
+        if not response:
+            raise ValueError(f"{variant}: the response-level pass kept no record (see "
+                             f"{layout.score_response}/errors: a single-step response has no reasoning "
+                             "prefix to prune); use a corpus with multi-step responses or drop the variant")
+        pairs += [with_instruction_cuts(pair, cuts) for pair in response]
+    write_training_set(folder, pairs, {"variant": variant, "pairs": len(pairs),
+                                       "response_level_pairs": sum(p.level == "response" for p in pairs)})
     return folder
 
 
 def evaluate(config: PipelineConfig, variants: list[str]) -> dict[str, Any]:
     """Accuracy of every model on every test file; detection, attention, report samples."""
-    from leaf_ray.evaluation import attention_mass, confounder_spans, evaluate_models, grade_detection
+    from leaf_ray.evaluation import attention_mass, confounder_spans, evaluate_models, grade_detection, paired_difference
     from leaf_ray.models import load_model
 
     evaluation = config.evaluation
     models = {"teacher": load_model(config.teacher), "student": load_model(config.student)}
     for variant in variants:
         models[variant] = load_model(config.layout.model(variant))
-    result: dict[str, Any] = {"accuracy": evaluate_models(models, evaluation.data, evaluation.checker,
-                                                          evaluation.max_new_tokens, evaluation.batch_size)}
+    answers = evaluate_models(models, evaluation.data, evaluation.checker, evaluation.max_new_tokens,
+                              evaluation.batch_size)
+    result: dict[str, Any] = {"accuracy": {name: {stem: report.accuracy for stem, report in by_file.items()}
+                                           for name, by_file in answers.items()}}
+    if "kd" in answers:
+        result["versus_kd"] = {name: {stem: paired_difference(report, answers["kd"][stem])
+                                      for stem, report in by_file.items()}
+                               for name, by_file in answers.items() if name in variants and name != "kd"}
+    first = list(iter_records(evaluation.data[0]))
+    result["question"] = contrast_question(first, {name: by_file[Path(evaluation.data[0]).stem]
+                                                   for name, by_file in answers.items()})
 
     records = {r.id: r for r in read_originals(config.layout.score)}
     rows = read_scores(config.layout.score)
     if any(confounder_spans(r.meta) for r in records.values()):
         result["detection"] = {"records": len(rows), **grade_detection(rows, {i: r.meta for i, r in records.items()})}
         pruning = config.pruning
-        result["detection"]["threshold"] = (f"quantile {pruning.quantile} (cap {pruning.quantile_cap})"
-                                            if pruning.threshold == "quantile" else f"absolute tau {pruning.tau}")
-    first = list(iter_records(evaluation.data[0]))
+        result["detection"]["threshold"] = {
+            "quantile": f"quantile {pruning.quantile} (cap {pruning.quantile_cap})",
+            "absolute": f"absolute tau {pruning.tau}",
+            "iterative": f"iterative clause pruning (min_gap {pruning.min_gap}, strong_gap {pruning.strong_gap}, "
+                         f"entropy_margin {pruning.entropy_margin})"}[pruning.threshold]
     if evaluation.attention and any(confounder_spans(r.meta) for r in first):
         result["attention"] = {name: attention_mass(model, tokenizer, first)
                                for name, (model, tokenizer) in models.items() if name != "teacher"}
@@ -195,11 +220,28 @@ def evaluate(config: PipelineConfig, variants: list[str]) -> dict[str, Any]:
     return result
 
 
-def serve_and_query(config: PipelineConfig) -> dict[str, Any]:
-    """Deploy the Serve app (left running) and ask it one test question over HTTP."""
+def contrast_question(records: list, answers: dict[str, Any], shown: str = "leaf", against: str = "kd") -> dict[str, Any]:
+    """The question the run asks its served student: the first test record that ``shown`` answers
+    right and ``against`` wrong (else the first record), with every model's answer to it."""
+    from leaf_ray.evaluation import shortcut_numbers
+
+    contrast = shown in answers and against in answers
+    index = next((i for i in range(len(records)) if contrast and answers[shown].correct[i]
+                  and not answers[against].correct[i]), None)
+    chosen = (f"the first test prompt {shown} answers right and {against} wrong" if index is not None
+              else "the first test prompt")
+    record = records[index or 0]
+    return {"id": record.id, "prompt": record.instruction, "answer": record.answer, "chosen": chosen,
+            "shortcuts": shortcut_numbers(record.meta),
+            "answers": {name: report.predictions[index or 0] for name, report in answers.items()}}
+
+
+def serve_and_query(config: PipelineConfig, question: dict[str, Any] | None) -> dict[str, Any]:
+    """Deploy the Serve app (left running) and ask it the run's question over HTTP."""
     import requests
     from ray import serve
 
+    from leaf_ray.checkers import resolve_checker
     from leaf_ray.serving.app import build_app
 
     serving = config.serving
@@ -207,24 +249,40 @@ def serve_and_query(config: PipelineConfig) -> dict[str, Any]:
     serve.start(http_options={"host": "127.0.0.1", "port": serving.port})
     serve.run(build_app({**serving.model_dump(), "model": model}), name=config.name, route_prefix="/", blocking=False)
     url = f"http://127.0.0.1:{serving.port}/v1"
-    question = next(iter(iter_records(config.evaluation.data[0]))).instruction if config.evaluation else "Hello"
+    prompt = question["prompt"] if question else "Hello"
     started = time.perf_counter()
     reply = requests.post(f"{url}/chat/completions", timeout=120, json={
-        "model": serving.model_id, "max_tokens": 16, "temperature": 0.0,
-        "messages": [{"role": "user", "content": question}]})
+        "model": serving.model_id, "max_tokens": config.evaluation.max_new_tokens if config.evaluation else 16,
+        "temperature": 0.0, "messages": [{"role": "user", "content": prompt}]})
     reply.raise_for_status()
+    answer = reply.json()["choices"][0]["message"]["content"]
+    sample = {"prompt": prompt, "answer": answer}
+    if question:
+        sample["right"] = resolve_checker(config.evaluation.checker)(answer, question["answer"])
     return {"url": url, "model_id": serving.model_id, "latency_s": round(time.perf_counter() - started, 3),
-            "sample": {"prompt": question, "answer": reply.json()["choices"][0]["message"]["content"]}}
+            "sample": sample}
 
 
 def closing_message(config: PipelineConfig, report: dict[str, Any]) -> str:
-    """Where the report is, the accuracy table, and a curl line for the served student."""
+    """Where the report is, the accuracy table, LeaF against KD, the question asked of the served
+    student beside the KD student's answer, and a curl line for the served student."""
     lines = [f"\nreport: {config.layout.root.resolve() / 'report.html'}"]
     accuracy = report.get("accuracy") or {}
     for name, row in accuracy.items():
         values = "  ".join(f"{k} {v:.3f}" for k, v in row.items() if isinstance(v, float))
         lines.append(f"  {name:>20}  " + (f"skipped: {row['skipped']}" if "skipped" in row else values))
-    serving = report.get("serving")
+    for name, by_split in (report.get("versus_kd") or {}).items():
+        for split, effect in by_split.items():
+            lines.append(f"  {name} - kd on {split}: {effect['difference']:+.3f} (standard error "
+                         f"{effect['standard_error']:.3f}, paired over the same prompts)")
+    question, serving = report.get("question"), report.get("serving")
+    if question and serving and serving["sample"]["prompt"] == question["prompt"]:
+        shortcut = f"; the shortcut says {', '.join(question['shortcuts'])}" if question["shortcuts"] else ""
+        lines += [f"question ({question['chosen']}): {question['prompt']}",
+                  f"  served LeaF student: {serving['sample']['answer']!r}"
+                  f"  ({'right' if serving['sample'].get('right') else 'wrong'}: {question['answer']}{shortcut})"]
+        if "kd" in question["answers"]:
+            lines.append(f"  KD student:          {question['answers']['kd']!r}")
     if serving:
         body = json.dumps({"model": serving["model_id"], "max_tokens": 16,
                            "messages": [{"role": "user", "content": serving["sample"]["prompt"]}]})

@@ -23,11 +23,17 @@ from typing import Any
 from leaf_ray.config import DistillationConfig, PruningConfig, ScoringConfig
 from leaf_ray.data import iter_records
 from leaf_ray.detection.detectors import detector_configs
-from leaf_ray.detection.scorer import PairScorer
+from leaf_ray.detection.scorer import PairScorer, ScoringPass
 from leaf_ray.distillation.loop import train
 from leaf_ray.distillation.losses import shared_vocab_size
 from leaf_ray.distillation.teacher_cache import TeacherCache, cache_rows, training_set_records, write_cache
-from leaf_ray.distillation.variants import VARIANTS, variant_config, variant_pairs
+from leaf_ray.distillation.variants import (
+    VARIANTS,
+    instruction_cuts,
+    variant_config,
+    variant_pairs,
+    with_instruction_cuts,
+)
 from leaf_ray.evaluation import accuracy, attention_mass
 from leaf_ray.models import load_model
 from leaf_ray.synthetic.build import FAMILIES, REASONING_PREFIX_FRACTION
@@ -35,20 +41,22 @@ from leaf_ray.synthetic.build import FAMILIES, REASONING_PREFIX_FRACTION
 
 def reproduce(embedded: Path, families: list[str], variants: list[str], seeds: list[int],
               base: DistillationConfig, pruning: PruningConfig, eval_records: int = 300,
-              cache_k: int = 32) -> dict[str, Any]:
-    """The variants' accuracies per family over ``seeds``. With ``base.teacher == "cache"`` each
-    variant trains from a teacher cache of its pairs (top ``cache_k``), built in this process."""
+              cache_k: int = 32, detector: str = "grad_norm", corpus: str = "distill") -> dict[str, Any]:
+    """The variants' accuracies per family over ``seeds``, distilled on the family's ``corpus``
+    (``distill``, or ``distill_confounded``: every record carries a shortcut). A variant without
+    ``@<detector>`` cuts with ``detector``. With ``base.teacher == "cache"`` each variant trains
+    from a teacher cache of its pairs (top ``cache_k``), built in this process."""
     unknown = [v for v in variants if v.partition("@")[0] not in VARIANTS]
     if unknown:
-        raise ValueError(f"unknown variant(s) {', '.join(unknown)}; use {', '.join(VARIANTS)}, or leaf@<detector>")
-    detectors = {v: v.partition("@")[2] or "grad_norm" for v in variants}
+        raise ValueError(f"unknown variant(s) {', '.join(unknown)}; use {', '.join(VARIANTS)}, or <variant>@<detector>")
+    detectors = {v: v.partition("@")[2] or detector for v in variants}
     setups = {v: detector_configs(detectors[v], ScoringConfig(corpus="-", max_length=512,
                                                               prefix_fraction=REASONING_PREFIX_FRACTION), pruning)
               for v in variants}
     rules = {v: VARIANTS[v.partition("@")[0]] for v in variants}
     for family in families:
         if family != "reasoning" and any(rules[v].response_level for v in variants):
-            raise ValueError(f"leaf_instr_resp needs multi-step responses; family {family!r} answers in one "
+            raise ValueError(f"the *_instr_resp variants need multi-step responses; family {family!r} answers in one "
                              "step (use the reasoning family)")
     teacher, tokenizer = load_model(embedded / "teacher")
     pristine, student_tokenizer = load_model(embedded / "student")
@@ -56,19 +64,17 @@ def reproduce(embedded: Path, families: list[str], variants: list[str], seeds: l
     results: dict[str, Any] = {}
     for family in families:
         data = embedded / "data" / family
-        corpus = list(iter_records(data / "distill.jsonl"))
-        tests = {name: list(iter_records(data / f"test_{name}.jsonl"))[:eval_records] for name in ("conflict", "clean")}
+        records = list(iter_records(data / f"{corpus}.jsonl"))
         spec = FAMILIES[family]
+        tests = {split.removeprefix("test_"): list(iter_records(data / f"{split}.jsonl"))[:eval_records]
+                 for split in spec.tests}
         levels = ["instruction"] + (["response"] if any(rules[v].response_level for v in variants) else [])
-        scored = {}
+        passes = {}
         for level in levels:
             for method in sorted({setups[v][0].method for v in variants}):
                 scoring = setups[variants[0]][0].model_copy(update={"level": level, "method": method})
-                scorer = PairScorer(teacher, tokenizer, pristine, student_tokenizer, scoring)
-                scored[level, method], errors = scorer.score(corpus)
-                if errors:
-                    raise RuntimeError(f"{family}: {len(errors)} records failed to score at {level} level, "
-                                       f"first: {errors[0]}")
+                passes[level, method] = ScoringPass.run(
+                    PairScorer(teacher, tokenizer, pristine, student_tokenizer, scoring), records)
 
         def measured(model, records) -> float:
             return accuracy(model, student_tokenizer, records, spec.checker, spec.max_new_tokens).accuracy
@@ -77,15 +83,20 @@ def reproduce(embedded: Path, families: list[str], variants: list[str], seeds: l
         for variant in variants:
             runs = []
             name, (scoring, variant_pruning) = variant.partition("@")[0], setups[variant]
+            detected = {level: passes[level, scoring.method].masks(variant_pruning) for level in levels}
             for seed in seeds:
                 config, _ = variant_config(base.model_copy(update={"seed": seed}), name)
                 student = copy.deepcopy(pristine).requires_grad_(True)
-                pairs = [p for level in (levels if rules[variant].response_level else ["instruction"])
-                         for p in variant_pairs(name, scored[level, scoring.method], variant_pruning, seed)]
+                instruction = passes["instruction", scoring.method].scored
+                pairs = variant_pairs(name, instruction, variant_pruning, seed, detected["instruction"])
+                if rules[variant].response_level:
+                    cuts = instruction_cuts(name, instruction, variant_pruning, seed, detected["instruction"])
+                    pairs += [with_instruction_cuts(pair, cuts) for pair in variant_pairs(
+                        name, passes["response", scoring.method].scored, variant_pruning, seed, detected["response"])]
                 curve = []
 
                 def on_step(metrics: dict[str, Any], _state: dict[str, Any]) -> None:
-                    if metrics["step"] % config.validation_interval(len(corpus)) == 0:
+                    if metrics["step"] % config.validation_interval(len(records)) == 0:
                         student.eval()
                         curve.append({"step": metrics["step"],
                                       "conflict_acc_100": measured(student, tests["conflict"][:100])})
@@ -97,13 +108,13 @@ def reproduce(embedded: Path, families: list[str], variants: list[str], seeds: l
                     with tempfile.TemporaryDirectory() as folder:
                         source = TeacherCache(write_cache(Path(folder), rows, {"k": cache_k, "vocab": vocab}))  # read into memory
                 train(student, source, student_tokenizer, pairs, config, vocab, report=on_step)
-                final = {f"{name}_acc": measured(student, records) for name, records in tests.items()}
+                final = {f"{split}_acc": measured(student, records) for split, records in tests.items()}
                 final["attention_mass"] = attention_mass(student, student_tokenizer, tests["conflict"])
                 final["curve"] = curve
                 final.update(pairs=len(pairs), counterfactuals=sum(len(p.counterfactuals) for p in pairs))
                 runs.append(final)
-            results[family][variant] = summarise(runs, seeds, config)
-            if "@" in variant:
+            results[family][variant] = {**summarise(runs, seeds, config), "corpus": corpus}
+            if rules[variant].spans in ("detected", "random"):
                 results[family][variant]["detector"] = detectors[variant]
     return results
 
@@ -114,6 +125,7 @@ def summarise(runs: list[dict[str, Any]], seeds: list[int], config: Distillation
         "conflict_acc_mean": statistics.mean(conflict),
         "conflict_acc_std": statistics.stdev(conflict) if len(conflict) > 1 else 0.0,
         "clean_acc_mean": statistics.mean(r["clean_acc"] for r in runs),
+        **({"heldout_acc_mean": statistics.mean(r["heldout_acc"] for r in runs)} if "heldout_acc" in runs[0] else {}),
         "attention_mass_mean": statistics.mean(r["attention_mass"] for r in runs),
         "seeds": seeds,
         "pairs": runs[0]["pairs"],
