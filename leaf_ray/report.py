@@ -40,8 +40,12 @@ left out of the HTML)::
         "score": {"wall_s": 10.4, "tokens_per_s": 6320, "records": 2000},
         "prepare": {"wall_s": 0.1, "skipped": true}, ...
       },
+      "versus_kd": {"leaf": {"test_conflict": {"difference": 0.3, "standard_error": 0.02}}},
+                                             # each student minus KD on the same prompts (paired)
+      "question": {"prompt": "...", "answer": "7", "shortcuts": ["9"], "chosen": "why this prompt",
+                   "answers": {"kd": "9", "leaf": "7", ...}},   # every model's answer to the served question
       "serving": {"url": "http://127.0.0.1:8000/v1", "model_id": "demo",
-                  "sample": {"prompt": "...", "answer": "..."}}
+                  "sample": {"prompt": "...", "answer": "...", "right": true}}
     }
 
 Accuracies, detection scores and attention masses are shown with 3 decimals (``mean ± std``
@@ -68,8 +72,10 @@ ROWS = {
     "leaf_instr_resp": "LeaF, instruction + response mask",
     "random": "Random-span control",
     "oracle": "Oracle control (true confounders)",
+    "oracle_instr_resp": "Oracle control, instruction + response",
 }
-SPLITS = {"test_conflict": "Held-out conflict", "test_clean": "Held-out clean"}
+SPLITS = {"test_conflict": "Held-out conflict", "test_heldout": "Conflict, held-out wordings",
+          "test_clean": "Held-out clean"}
 STAGE_FIELDS = ("wall_s", "tokens_per_s", "records", "skipped")
 
 CSS = """
@@ -118,7 +124,8 @@ def render_html(report: dict) -> str:
     sections = [header(report), accuracy_section(report, labels), detection_section(report.get("detection")),
                 leaderboard_section(report.get("detection_methods")),
                 attention_section(report.get("attention"), labels), samples_section(report.get("samples")),
-                stages_section(report.get("stages")), serving_section(report.get("serving"))]
+                stages_section(report.get("stages")),
+                serving_section(report.get("serving"), report.get("question"), labels)]
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
             f"<title>leaf-ray report: {escape(name)}</title><style>{CSS}</style></head>\n<body>\n"
             + "\n".join(s for s in sections if s) + "\n</body></html>\n")
@@ -169,8 +176,17 @@ def accuracy_section(report: dict, labels: dict[str, str]) -> str:
             rows.append(tr([escape(labels.get(key, key))] + [metric(row.get(s), row.get(f"{s}_std")) for s in splits]))
     seeds = report.get("seeds", 1)
     note = f"mean ± std over {seeds} seeds" if seeds > 1 else "one seed"
-    return (f'<h2>Answer accuracy</h2><p class="note">Greedy decoding; {escape(note)}.</p>'
-            + table("accuracy", ["Model"] + [SPLITS.get(s, s) for s in splits], rows))
+    out = (f'<h2>Answer accuracy</h2><p class="note">Greedy decoding; {escape(note)}.</p>'
+           + table("accuracy", ["Model"] + [SPLITS.get(s, s) for s in splits], rows))
+    versus = report.get("versus_kd")
+    if versus:
+        rows = [tr([escape(labels.get(key, key))] + [
+            f"{versus[key][s]['difference']:+.3f} ± {versus[key][s]['standard_error']:.3f}" if s in versus[key] else "–"
+            for s in splits]) for key in ordered(versus, ROWS)]
+        out += ('<p class="note">Each student\'s accuracy minus the KD student\'s on the same prompts, ± the '
+                "standard error of the per-prompt difference.</p>"
+                + table("versus-kd", ["Against KD"] + [SPLITS.get(s, s) for s in splits], rows))
+    return out
 
 
 def detection_section(detection: dict | None) -> str:
@@ -193,14 +209,18 @@ def leaderboard_section(board: dict | None) -> str:
     parts = []
     for family, by_detector in board.items():
         rows = [tr([escape(name), metric(row["clause"]["precision"]), metric(row["clause"]["recall"]),
-                    metric(row["clause"]["f1"]), metric(row["number"]["f1"]), metric(row.get("flagged_per_record"))])
+                    metric(row["clause"]["f1"]), metric(row["number"]["f1"]), metric(row.get("false_cut_rate")),
+                    metric(row.get("multi_confounder_recall")), metric(row.get("flagged_per_record"))])
                 for name, row in sorted(by_detector.items(), key=lambda kv: -kv[1]["clause"]["f1"])]
         parts.append(f"<h3>{escape(family)}</h3>" + table(
             "detection-methods-" + re.sub(r"\W+", "-", family).strip("-"),
-            ["Detector", "Clause precision", "Clause recall", "Clause F1", "Number F1", "Flagged units / record"], rows))
+            ["Detector", "Clause precision", "Clause recall", "Clause F1", "Number F1", "False-cut rate",
+             "Recall, 2+ confounders", "Flagged units / record"], rows))
     return ("<h2>Detection leaderboard</h2>"
             '<p class="note">Each detector (scoring method + pruning post-step) against the benchmark\'s '
-            "ground-truth confounder clause and its number.</p>" + "".join(parts))
+            "ground-truth confounder clauses and their numbers. False-cut rate: the share of records without a "
+            "confounder in which a causal clause (a fact or the question) is cut. Recall, 2+ confounders: clause "
+            "recall over the records that hold two or more.</p>" + "".join(parts))
 
 
 def attention_section(attention: dict | None, labels: dict[str, str]) -> str:
@@ -295,7 +315,7 @@ def stages_section(stages: dict | None) -> str:
     return "<h2>Stages</h2>" + table("stages", ["Stage", "Wall time (s)", "Tokens / s", "Records", "Notes"], rows)
 
 
-def serving_section(serving: dict | None) -> str:
+def serving_section(serving: dict | None, question: dict | None = None, labels: dict[str, str] = ROWS) -> str:
     if not serving:
         return ""
     # The URL is shown as text, not a link: the report must reference nothing outside itself.
@@ -306,4 +326,12 @@ def serving_section(serving: dict | None) -> str:
     if sample:
         out += (f"<p>Prompt:</p><pre>{escape(str(sample.get('prompt', '')))}</pre>"
                 f"<p>Answer:</p><pre>{escape(str(sample.get('answer', '')))}</pre>")
+    if question and sample and question.get("prompt") == sample.get("prompt"):
+        shortcuts = ", ".join(question.get("shortcuts") or []) or "none"
+        rows = [tr([escape(labels.get(name, name)), f"<code>{escape(str(answer))}</code>"])
+                for name, answer in question.get("answers", {}).items()]
+        out += (f'<p class="note">The question is {escape(question.get("chosen", ""))}; the right answer is '
+                f'{escape(str(question.get("answer")))}, the shortcut clauses say {escape(shortcuts)}. Every '
+                "model's greedy answer to it (transformers, in the evaluation stage):</p>"
+                + table("question", ["Model", "Answer"], rows))
     return out

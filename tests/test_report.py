@@ -283,3 +283,7 @@ def test_detection_leaderboard_renders_each_family_best_clause_f1_first():
             row = by_detector[cells[0]]
             assert cells[1:5] == [f"{row['clause']['precision']:.3f}", f"{row['clause']['recall']:.3f}",
                                   f"{row['clause']['f1']:.3f}", f"{row['number']['f1']:.3f}"]
+            # The false-cut rate and the recall on records with 2+ confounders, or "–" where no
+            # record has that count (the reasoning family holds at most one note).
+            assert cells[5:7] == ["–" if row[k] is None else f"{row[k]:.3f}"
+                                  for k in ("false_cut_rate", "multi_confounder_recall")]

@@ -98,12 +98,17 @@ class BearerTokenMiddleware:
     def __init__(self, app, source: ApiKeySource):
         self.app = app
         key = source.read()
-        self.expected = None if key is None else f"Bearer {key}".encode()
+        self.expected = None if key is None else key.encode()
+
+    def accepts(self, header: bytes) -> bool:
+        """``<scheme> 1*SP <token>`` with the scheme ``Bearer`` in any case (RFC 7235)."""
+        scheme, _, token = header.partition(b" ")
+        return scheme.lower() == b"bearer" and hmac.compare_digest(token.lstrip(b" "), self.expected)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and self.expected is not None and scope["path"] not in OPEN_PATHS:
             given = [value for name, value in scope["headers"] if name == b"authorization"]
-            if len(given) != 1 or not hmac.compare_digest(given[0], self.expected):
+            if len(given) != 1 or not self.accepts(given[0]):
                 message = ("send exactly one Authorization header" if len(given) > 1 else
                            "missing or invalid API key: send 'Authorization: Bearer <key>'")
                 error = OpenAIError(401, message, type="authentication_error", code="invalid_api_key")
@@ -186,8 +191,8 @@ class FocusDeployment:
 
     def __init__(self, config: ServingConfig):
         dtype = "float32" if config.dtype == "auto" else config.dtype
-        self.scorer = FocusScorer.from_paths(config.model, config.teacher, dtype=dtype, pruning=config.pruning,
-                                             max_length=config.max_model_len)
+        self.scorer = FocusScorer.from_paths(config.model, config.teacher, dtype=dtype, method=config.method,
+                                             pruning=config.pruning, max_length=config.max_model_len)
 
     def explain(self, prompt: str, response: str | None) -> dict:
         return self.scorer.explain(prompt, response)

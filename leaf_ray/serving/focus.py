@@ -3,10 +3,11 @@
 This backs the serving API's ``/v1/focus``. For a prompt and a response (the student's own
 greedy answer when the caller gives none), the sensitivity of each prompt token is the norm
 of d(response loss)/d(token embedding) -- the same quantity LeaF scores a corpus with
-(:mod:`leaf_ray.detection.sensitivity`). With a teacher configured, the teacher is scored the same way
-and the LeaF diff, the confounder mask and the spans pruning would cut come back too
-(:mod:`leaf_ray.detection.pruning`), so a user sees which words the student leans on that the
-teacher ignores.
+(:mod:`leaf_ray.detection.sensitivity`). With a teacher configured, the prompt goes through the
+corpus scorer's own detector (:func:`leaf_ray.detection.scorer.detect`, with the configured
+``method`` and ``pruning``, iterative pruning included): the teacher's scores, the LeaF diff,
+the confounder mask and the spans pruning would cut come back too, so a user sees which words
+the student leans on that the teacher ignores.
 
 Plain PyTorch; the Serve deployment in :mod:`leaf_ray.serving.app` only hands it requests.
 """
@@ -18,10 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from leaf_ray.config import PruningConfig
-from leaf_ray.data import RecordError, prompt_token_ids, render_sample
-from leaf_ray.detection.pruning import confounder_mask, find_spans
-from leaf_ray.detection.scorer import context_spans, nan_to_none, require_scorable
+from leaf_ray.config import PruningConfig, ScoringConfig
+from leaf_ray.data import Record, RecordError, prompt_token_ids, render_sample
+from leaf_ray.detection.pruning import find_spans
+from leaf_ray.detection.scorer import PairScorer, context_spans, detect, nan_to_none, require_scorable
 from leaf_ray.detection.sensitivity import (
     ScoringItem,
     compare_unit_scores,
@@ -50,13 +51,14 @@ class FocusScorer:
     """Scores prompts for one student and, optionally, a teacher. Models load once."""
 
     def __init__(self, student, student_tokenizer, teacher=None, teacher_tokenizer=None, *,
-                 pruning: PruningConfig | None = None, max_length: int = 2048,
+                 method: str = "grad_norm", pruning: PruningConfig | None = None, max_length: int = 2048,
                  max_new_tokens: int = 16, unit_pattern: str = DEFAULT_UNIT_PATTERN):
         if (teacher is None) != (teacher_tokenizer is None):
             raise ValueError("a teacher needs its tokenizer, and a tokenizer its teacher")
         self.student, self.student_tokenizer = prepare_for_scoring(student), student_tokenizer
-        self.teacher = None if teacher is None else prepare_for_scoring(teacher)
-        self.teacher_tokenizer = teacher_tokenizer
+        self.detector = None if teacher is None else PairScorer(
+            teacher, teacher_tokenizer, student, student_tokenizer,
+            ScoringConfig(corpus="-", method=method, max_length=max_length, unit_pattern=unit_pattern))
         self.pruning = pruning or PruningConfig()
         self.max_length = max_length
         self.max_new_tokens = max_new_tokens
@@ -110,32 +112,32 @@ class FocusScorer:
             raise FocusError("response is empty" if source == "request" else
                              "the student's answer is empty; pass a response to score")
 
-        units = split_units(prompt, self.unit_pattern)
         student = self.prompt_sensitivity(self.student, self.student_tokenizer, prompt, response)
-        student_units = project_to_units(units, student.spans, student.norms, prompt)
-        if self.teacher is not None:
-            teacher = self.prompt_sensitivity(self.teacher, self.teacher_tokenizer, prompt, response)
-            teacher_units = project_to_units(units, teacher.spans, teacher.norms, prompt)
-        else:  # compare_unit_scores normalises the student the same way; the teacher side is unused
-            teacher_units = student_units
-        scores = compare_unit_scores(prompt, units, teacher_units, student_units)
-
         out: dict[str, Any] = {
             "prompt": prompt,
             "response": response,
             "response_source": source,
             "tokens": [{"text": prompt[max(a, 0):max(b, 0)], "start": a, "end": b, "student": float(n)}
                        for (a, b), n in zip(student.spans, student.norms)],
-            "units": [{"text": u.text, "start": u.start, "end": u.end, "student": nan_to_none(s)}
-                      for u, s in zip(units, scores.student)],
-            "teacher": self.teacher is not None,
+            "teacher": self.detector is not None,
         }
-        if self.teacher is not None:
-            mask, threshold = confounder_mask(scores, self.pruning)
-            for row, t, d, m in zip(out["units"], scores.teacher, scores.diff, mask):
-                row.update(teacher=nan_to_none(t), diff=nan_to_none(d), confounder=bool(m))
-            out["threshold"] = nan_to_none(threshold)
-            out["spans"] = [{"start": s.start, "end": s.end, "text": prompt[s.start:s.end], "min_diff": s.min_diff}
-                            for s in find_spans(scores, mask, self.pruning.break_at_newlines,
-                                                self.pruning.grow_spans)]
+        if self.detector is None:
+            units = split_units(prompt, self.unit_pattern)
+            student_units = project_to_units(units, student.spans, student.norms, prompt)
+            # compare_unit_scores normalises the student as the scorer does; the teacher side is unused
+            scores = compare_unit_scores(prompt, units, student_units, student_units)
+            out["units"] = [{"text": u.text, "start": u.start, "end": u.end, "student": nan_to_none(v)}
+                            for u, v in zip(units, scores.student)]
+            return out
+        scored, masks, thresholds, errors = detect(self.detector, self.pruning, [Record("request", prompt, response)])
+        if errors:
+            raise FocusError(errors[0].reason)
+        scores, mask = scored[0].scores, masks[0]
+        out["units"] = [{"text": u.text, "start": u.start, "end": u.end, "student": nan_to_none(s),
+                         "teacher": nan_to_none(t), "diff": nan_to_none(d), "confounder": bool(m)}
+                        for u, s, t, d, m in zip(scores.units, scores.student, scores.teacher, scores.diff, mask)]
+        out["threshold"] = nan_to_none(thresholds[0])
+        out["spans"] = [{"start": span.start, "end": span.end, "text": prompt[span.start:span.end],
+                         "min_diff": span.min_diff}
+                        for span in find_spans(scores, mask, self.pruning.break_at_newlines, self.pruning.grow_spans)]
         return out
