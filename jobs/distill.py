@@ -15,6 +15,7 @@ import json
 
 import ray
 
+from leaf_ray.cli import refusals_exit_2
 from leaf_ray.config import PipelineConfig, load_config
 from leaf_ray.distributed.distill import DistillationRun, run_distillation
 from leaf_ray.distributed.pipeline import training_set
@@ -38,4 +39,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with refusals_exit_2():  # an expected refusal: one line and exit status 2
+        main()

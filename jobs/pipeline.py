@@ -14,6 +14,7 @@ import argparse
 
 import ray
 
+from leaf_ray.cli import refusals_exit_2
 from leaf_ray.config import PipelineConfig, load_config
 from leaf_ray.distributed.pipeline import closing_message, run_pipeline
 
@@ -31,4 +32,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with refusals_exit_2():  # an expected refusal: one line and exit status 2
+        main()

@@ -1,8 +1,17 @@
-"""The ``leaf-ray`` command line. Each subcommand takes a YAML config (see ``configs/``)."""
+"""The ``leaf-ray`` command line. Each subcommand takes a YAML config (see ``configs/``).
+
+An expected refusal (:class:`~leaf_ray.errors.RunRefused`: a config that does not validate, an
+impossible resource request, a folder another run holds or wrote, tokenizers that cannot be
+compared, ...) is printed as ``error: <what to change>`` and exits with status 2, here and in
+the Ray jobs (``jobs/*.py``), instead of a traceback.
+"""
 
 from __future__ import annotations
 
 import json
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -19,6 +28,7 @@ from leaf_ray.config import (
     ServingConfig,
     load_config,
 )
+from leaf_ray.errors import RunRefused
 
 app = typer.Typer(help="LeaF causal attention distillation on Ray.", no_args_is_help=True, add_completion=False,
                   pretty_exceptions_enable=False, context_settings={"help_option_names": ["-h", "--help"]})
@@ -41,6 +51,22 @@ STAGES = {
     "serving": ServingConfig,
     "evaluation": EvaluationConfig,
 }
+
+
+@contextmanager
+def refusals_exit_2() -> Iterator[None]:
+    """Turn a :class:`RunRefused` into its message on stderr and exit status 2."""
+    try:
+        yield
+    except RunRefused as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+
+
+def console() -> None:
+    """The ``leaf-ray`` console script."""
+    with refusals_exit_2():
+        app()
 
 
 def _load(path: Path, model):
@@ -197,9 +223,12 @@ def serve_model(
 
     from leaf_ray.serving.app import build_app
 
-    # The engine replica, the ingress and /v1/focus each reserve logical CPUs; a 2-core box has
-    # too few, so Ray gets at least 8 (only the engine and /v1/focus requests do real work).
-    ray.init(num_cpus=max(os.cpu_count() or 1, 8))
+    if os.environ.get("RAY_ADDRESS", "local") != "local":
+        ray.init()  # a running cluster (`make cluster`, KubeRay): its nodes set the resources
+    else:
+        # The engine replica, the ingress and /v1/focus each reserve logical CPUs; a 2-core box has
+        # too few, so a local Ray gets at least 8 (only the engine and /v1/focus do real work).
+        ray.init(num_cpus=max(os.cpu_count() or 1, 8))
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # a supervisor's stop shuts down cleanly too
     try:
         serve.start(http_options=http)
@@ -285,24 +314,32 @@ def bench_reproduce(
     seeds: Annotated[int, typer.Option(help="Seeds per variant (0..N-1).")] = 3,
     distill_config: Annotated[Path | None, typer.Option(
         "--config", help="DistillationConfig YAML for the shared settings (steps, lr, batch, loss).")] = None,
+    detector: Annotated[str, typer.Option(help="Detector of the variants named without @<detector> "
+                                               "(leaf_ray/detection/detectors.py).")] = "grad_norm+iterative",
+    corpus: Annotated[str, typer.Option(help="Distillation corpus: 'distill', or 'distill_confounded' (every record "
+                                             "carries a shortcut; simple and hard); its rows go to "
+                                             "<corpus>_variants.")] = "distill",
     results: Annotated[Path, typer.Option(help="embedded.json to fill in.")] = Path("benchmarks/results/embedded.json"),
 ) -> None:
     """Run the distillation variants and controls on the embedded benchmark; fill in the results table."""
     from leaf_ray.synthetic.reproduce import reproduce
 
     base = (_load(distill_config, DistillationConfig) if distill_config else
-            DistillationConfig(max_steps=500, eval_every=100))
-    table = reproduce(embedded, families.split(","), variants.split(","), list(range(seeds)), base, PruningConfig())
+            DistillationConfig(max_steps=500, eval_every=100, bf16_autocast=False))
+    table = reproduce(embedded, families.split(","), variants.split(","), list(range(seeds)), base, PruningConfig(),
+                      detector=detector, corpus=corpus)
+    key = "variants" if corpus == "distill" else f"{corpus.removeprefix('distill_')}_variants"
     provenance = json.loads((embedded / "provenance.json").read_text())
     build = {key: provenance[key] for key in ("config_hash", "code_hash")}  # which models each row measured
     summary = json.loads(results.read_text()) if results.exists() else {"families": {}}
     for family, by_variant in table.items():
         for row in by_variant.values():
             row["build"] = build
-        summary["families"].setdefault(family, {}).setdefault("variants", {}).update(by_variant)
+        summary["families"].setdefault(family, {}).setdefault(key, {}).update(by_variant)
         for variant, row in by_variant.items():
-            typer.echo(f"{family:>9} {variant:>20}: conflict {row['conflict_acc_mean']:.3f} +/- "
-                       f"{row['conflict_acc_std']:.3f} | clean {row['clean_acc_mean']:.3f} | "
+            heldout = f" | held-out wordings {row['heldout_acc_mean']:.3f}" if "heldout_acc_mean" in row else ""
+            typer.echo(f"{family:>9} {variant:>32}: conflict {row['conflict_acc_mean']:.3f} +/- "
+                       f"{row['conflict_acc_std']:.3f} | clean {row['clean_acc_mean']:.3f}{heldout} | "
                        f"attention on clause {row['attention_mass_mean']:.3f}")
     results.parent.mkdir(parents=True, exist_ok=True)
     results.write_text(json.dumps(summary, indent=2) + "\n")

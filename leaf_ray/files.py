@@ -10,6 +10,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from leaf_ray.errors import RunRefused
+
 
 def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
     """``write(tmp)`` fills a temp file beside ``path``, named for this process so that two
@@ -49,7 +51,7 @@ def claim_folder(folder: Path, fingerprint: dict[str, Any]) -> None:
     changed = [f"{key} changed ({recorded.get(key)} -> {value})" for key, value in fingerprint.items()
                if recorded.get(key) != value]
     if changed:
-        raise ValueError(f"{folder} holds the output of another run ({'; '.join(changed)}): resuming it would mix "
+        raise RunRefused(f"{folder} holds the output of another run ({'; '.join(changed)}): resuming it would mix "
                          f"the two. Delete {folder} to start over, or write this run elsewhere (run_dir).")
 
 
@@ -66,7 +68,7 @@ def folder_lock(folder: Path) -> Iterator[None]:
         except BlockingIOError:
             handle.seek(0)
             holder = handle.read().strip() or "another process"
-            raise RuntimeError(f"{folder} is in use by another run ({holder}): wait for it to finish, "
+            raise RunRefused(f"{folder} is in use by another run ({holder}): wait for it to finish, "
                                "or write this run elsewhere (run_dir)") from None
         handle.seek(0)
         handle.truncate()

@@ -7,6 +7,7 @@ import os
 
 import pytest
 
+from leaf_ray.errors import RunRefused
 from leaf_ray.files import claim_folder, folder_lock, write_atomically, write_text_atomically
 
 
@@ -67,12 +68,12 @@ def test_a_folder_in_use_refuses_a_second_run_until_its_holder_dies(tmp_path):
                                f"with folder_lock(Path({str(tmp_path)!r})):\n"
                                "    print('locked', flush=True); time.sleep(600)"], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "locked"
-    with pytest.raises(RuntimeError, match=rf"in use by another run \(pid {holder.pid} on "):
+    with pytest.raises(RunRefused, match=rf"in use by another run \(pid {holder.pid} on "):
         with folder_lock(tmp_path):
             pass
     holder.send_signal(signal.SIGKILL)  # a crash releases the lock: no stale lock to clean up
     holder.wait()
     with folder_lock(tmp_path):
-        with pytest.raises(RuntimeError, match=rf"pid {os.getpid()} on "):  # one holder, even in one process
+        with pytest.raises(RunRefused, match=rf"pid {os.getpid()} on "):  # one holder, even in one process
             with folder_lock(tmp_path):
                 pass

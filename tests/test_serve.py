@@ -94,6 +94,16 @@ def test_requests_without_the_key_get_401(server, method, path, headers):
     assert reply.headers["www-authenticate"] == "Bearer"
 
 
+@pytest.mark.parametrize("header", [f"bearer {KEY}", f"BEARER {KEY}", f"Bearer  {KEY}"],
+                         ids=["lower", "upper", "two-spaces"])
+def test_the_bearer_scheme_is_case_insensitive(server, header):
+    # RFC 7235: the auth-scheme is a case-insensitive token, followed by one or more spaces.
+    reply = requests.get(f"{server}/v1/models", headers={"Authorization": header}, timeout=30)
+    assert reply.status_code == 200, reply.text
+    wrong = requests.get(f"{server}/v1/models", headers={"Authorization": "basic " + KEY}, timeout=30)
+    assert_openai_error(wrong, 401, "API key")
+
+
 @pytest.mark.parametrize("keys", [[f"Bearer {KEY}", f"Bearer {KEY}"], ["Bearer wrong", f"Bearer {KEY}"],
                                   [f"Bearer {KEY}", "Bearer wrong"]], ids=["same-twice", "wrong-first", "wrong-last"])
 def test_two_authorization_headers_are_refused(server, keys):

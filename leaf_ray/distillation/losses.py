@@ -20,10 +20,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from leaf_ray.errors import RunRefused
+
 LossType = Literal["forward_kl", "reverse_kl", "jsd"]
 
 
-class VocabularyMismatchError(ValueError):
+class VocabularyMismatchError(RunRefused):
     """Teacher and student tokenizers disagree, so their distributions cannot be compared."""
 
 

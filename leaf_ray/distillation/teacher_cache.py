@@ -35,6 +35,7 @@ import torch
 
 from leaf_ray.data import Record, TrainingPair, encode_for_training, length_batches, render_sample
 from leaf_ray.distillation.losses import SparseTargets, teacher_top_k
+from leaf_ray.errors import RunRefused
 
 PART_SCHEMA = pa.schema([("key", pa.string()), ("positions", pa.int32()), ("ids", pa.list_(pa.int32())),
                          ("logprobs", pa.list_(pa.float16())), ("tail", pa.list_(pa.float16()))])
@@ -108,7 +109,7 @@ def write_cache(folder: str | Path, rows: list[dict[str, Any]], fingerprint: dic
     return folder
 
 
-class TeacherCacheError(ValueError):
+class TeacherCacheError(RunRefused):
     """A cache that cannot stand in for this run's teacher."""
 
 

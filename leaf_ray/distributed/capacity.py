@@ -19,12 +19,14 @@ import math
 
 import ray
 
+from leaf_ray.errors import RunRefused
+
 # The corpus reading and splitting stage: one light task at a time is enough to feed the actors.
 READ_STAGE_CPUS = 0.25
 
 
 def check_capacity(bundle: dict[str, float], count: int, fields: str, extra: dict[str, float] | None = None) -> None:
-    """Raise ValueError naming ``fields`` unless ``count`` copies of ``bundle`` (one actor or
+    """Raise :class:`RunRefused` naming ``fields`` unless ``count`` copies of ``bundle`` (one actor or
     worker each), plus one ``extra`` bundle alongside them, fit on the cluster's nodes."""
     nodes, can_grow = node_shapes()
     if nodes is None:
@@ -35,7 +37,7 @@ def check_capacity(bundle: dict[str, float], count: int, fields: str, extra: dic
         shapes = "; ".join(f"{'up to ' if can_grow else ''}{n if n != math.inf else 'any number of'} x "
                            f"{_fmt(shape)}" for shape, n in nodes)
         alongside = f" plus {_fmt(extra)} for the tasks that feed them" if extra else ""
-        raise ValueError(f"{fields}: {count} x {_fmt(bundle)}{alongside} can never be scheduled on this cluster "
+        raise RunRefused(f"{fields}: {count} x {_fmt(bundle)}{alongside} can never be scheduled on this cluster "
                          f"(nodes: {shapes}). Ask for less per actor or fewer of them, or add nodes.")
 
 
