@@ -266,7 +266,8 @@ class ServingConfig(StageConfig):
     api_key_env: str | None = Field(None, description="Env var holding the bearer token; unset means no auth.")
     api_key_file: str | None = Field(None, description="File holding the bearer token (a mounted secret).")
     focus: bool = Field(True, description="Serve /v1/focus from its own deployment (a transformers copy of the model).")
-    teacher: str | None = Field(None, description="Teacher model for /v1/focus: adds the LeaF diff and pruned spans.")
+    teacher: str | None = Field(None, description="Teacher model for /v1/focus: adds the LeaF diff and pruned spans; "
+                                                  "in a pipeline, default: the run's teacher.")
     method: Literal["grad_norm", "grad_x_input", "integrated_gradients", "occlusion"] = Field(
         "grad_norm", description="Detection method /v1/focus scores with a teacher (as scoring.method); in a "
                                  "pipeline, default: the run's scoring.method.")
@@ -380,7 +381,9 @@ class PipelineConfig(StageConfig):
     def _fill_defaults_from_the_run(self) -> PipelineConfig:
         if self.serving is not None:
             defaults = {"model_id": self.name,  # clients ask for the run by its name
-                        "method": self.scoring.method, "pruning": self.pruning}  # /v1/focus detects as the run did
+                        # /v1/focus detects as the run did, against the run's teacher
+                        "method": self.scoring.method, "pruning": self.pruning,
+                        **({"teacher": self.teacher} if self.serving.focus else {})}
             for key, value in defaults.items():
                 if key not in self.serving.model_fields_set:
                     setattr(self.serving, key, value)

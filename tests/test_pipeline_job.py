@@ -117,3 +117,45 @@ def test_scored_records_come_by_id_whatever_the_batches(tmp_path):
                     [{"id": i, "instruction": "a", "response": "1", "level": "instruction"} for i in ids], [], [], {})
     scored, masks = scored_records(config)
     assert [s.record.id for s in scored] == ["r0", "r1", "r2", "r3", "r4", "r5"] and len(masks) == 6
+
+
+def test_leaf_ray_serve_attaches_to_a_running_cluster(cluster, tmp_path):
+    """`leaf-ray serve` with RAY_ADDRESS set (after `make cluster`) joins that cluster instead of
+    starting its own; it used to fail at start, passing num_cpus to ray.init of a running cluster."""
+    import signal
+    import time
+
+    import requests
+    import yaml
+
+    config = tmp_path / "serve.yaml"
+    config.write_text(yaml.safe_dump({"applications": [{"name": "attached", "args": {
+        "model_id": "attached", "max_model_len": 256, "dtype": "float32", "focus": False,
+        "enforce_eager": True}}]}))  # no kernel compilation at start: what is tested is the attach
+    env = {**cluster, "RAY_ADDRESS": "127.0.0.1:6390"}  # the cluster fixture's GCS
+    log = tmp_path / "serve.log"
+    with log.open("w") as out:
+        server = subprocess.Popen([BIN / "leaf-ray", "serve", "--model", str(EMBEDDED / "student"),
+                                   "--config", str(config), "--port", "8123"], cwd=ROOT, env=env,
+                                  stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 400
+        while time.monotonic() < deadline and server.poll() is None:
+            try:
+                if requests.get("http://127.0.0.1:8123/health", timeout=5).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            time.sleep(3)
+        assert server.poll() is None, log.read_text()[-3000:]
+        reply = requests.post("http://127.0.0.1:8123/v1/chat/completions", timeout=60, json={
+            "model": "attached", "max_tokens": 4, "messages": [{"role": "user", "content": "ann has 3 ."}]})
+        assert reply.status_code == 200, reply.text
+        # The application runs on the cluster: the cluster's own Serve reports it.
+        status = subprocess.run([BIN / "serve", "status", "--address", cluster["RAY_ADDRESS"]], env=cluster,
+                                capture_output=True, text=True, timeout=60)
+        assert "attached" in status.stdout and "RUNNING" in status.stdout, status.stdout + status.stderr
+        assert "Started a local Ray instance" not in log.read_text()
+    finally:
+        server.send_signal(signal.SIGINT)
+        server.wait(timeout=120)
