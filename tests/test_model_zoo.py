@@ -182,7 +182,8 @@ def test_family_through_the_pipeline_and_the_served_api(built, cluster, tmp_path
 
         # The served LeaF student answers as transformers does on the exported weights.
         sample = report["serving"]["sample"]
-        (expected,) = greedy_generate(model, tokenizer, [sample["prompt"]], max_new_tokens=16)
+        (expected,) = greedy_generate(model, tokenizer, [sample["prompt"]],
+                                      max_new_tokens=config.evaluation.max_new_tokens)
         assert sample["answer"] == expected
 
         url = report["serving"]["url"].removesuffix("/v1")
