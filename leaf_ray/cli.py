@@ -13,7 +13,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -326,23 +326,23 @@ def bench_reproduce(
 
     base = (_load(distill_config, DistillationConfig) if distill_config else
             DistillationConfig(max_steps=500, eval_every=100, bf16_autocast=False))
-    table = reproduce(embedded, families.split(","), variants.split(","), list(range(seeds)), base, PruningConfig(),
-                      detector=detector, corpus=corpus)
     key = "variants" if corpus == "distill" else f"{corpus.removeprefix('distill_')}_variants"
     provenance = json.loads((embedded / "provenance.json").read_text())
-    build = {key: provenance[key] for key in ("config_hash", "code_hash")}  # which models each row measured
-    summary = json.loads(results.read_text()) if results.exists() else {"families": {}}
-    for family, by_variant in table.items():
-        for row in by_variant.values():
-            row["build"] = build
-        summary["families"].setdefault(family, {}).setdefault(key, {}).update(by_variant)
-        for variant, row in by_variant.items():
-            heldout = f" | held-out wordings {row['heldout_acc_mean']:.3f}" if "heldout_acc_mean" in row else ""
-            typer.echo(f"{family:>9} {variant:>32}: conflict {row['conflict_acc_mean']:.3f} +/- "
-                       f"{row['conflict_acc_std']:.3f} | clean {row['clean_acc_mean']:.3f}{heldout} | "
-                       f"attention on clause {row['attention_mass_mean']:.3f}")
-    results.parent.mkdir(parents=True, exist_ok=True)
-    results.write_text(json.dumps(summary, indent=2) + "\n")
+    build = {name: provenance[name] for name in ("config_hash", "code_hash")}  # which models each row measured
+
+    def save(family: str, variant: str, row: dict[str, Any]) -> None:
+        """Write each row as it is finished, into the results as they are on disk now."""
+        summary = json.loads(results.read_text()) if results.exists() else {"families": {}}
+        summary["families"].setdefault(family, {}).setdefault(key, {})[variant] = {**row, "build": build}
+        results.parent.mkdir(parents=True, exist_ok=True)
+        results.write_text(json.dumps(summary, indent=2) + "\n")
+        heldout = f" | held-out wordings {row['heldout_acc_mean']:.3f}" if "heldout_acc_mean" in row else ""
+        typer.echo(f"{family:>9} {variant:>32}: conflict {row['conflict_acc_mean']:.3f} +/- "
+                   f"{row['conflict_acc_std']:.3f} | clean {row['clean_acc_mean']:.3f}{heldout} | "
+                   f"attention on clause {row['attention_mass_mean']:.3f}")
+
+    reproduce(embedded, families.split(","), variants.split(","), list(range(seeds)), base, PruningConfig(),
+              detector=detector, corpus=corpus, on_row=save)
 
 
 @app.command("eval")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import statistics
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,11 +42,14 @@ from leaf_ray.synthetic.build import FAMILIES, REASONING_PREFIX_FRACTION
 
 def reproduce(embedded: Path, families: list[str], variants: list[str], seeds: list[int],
               base: DistillationConfig, pruning: PruningConfig, eval_records: int = 300,
-              cache_k: int = 32, detector: str = "grad_norm", corpus: str = "distill") -> dict[str, Any]:
+              cache_k: int = 32, detector: str = "grad_norm", corpus: str = "distill",
+              on_row: Callable[[str, str, dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """The variants' accuracies per family over ``seeds``, distilled on the family's ``corpus``
     (``distill``, or ``distill_confounded``: every record carries a shortcut). A variant without
     ``@<detector>`` cuts with ``detector``. With ``base.teacher == "cache"`` each variant trains
-    from a teacher cache of its pairs (top ``cache_k``), built in this process."""
+    from a teacher cache of its pairs (top ``cache_k``), built in this process. ``on_row(family,
+    variant, row)`` gets each row as it is finished (the CLI saves it then: an hours-long run that
+    stops keeps the rows it finished)."""
     unknown = [v for v in variants if v.partition("@")[0] not in VARIANTS]
     if unknown:
         raise ValueError(f"unknown variant(s) {', '.join(unknown)}; use {', '.join(VARIANTS)}, or <variant>@<detector>")
@@ -116,6 +120,8 @@ def reproduce(embedded: Path, families: list[str], variants: list[str], seeds: l
             results[family][variant] = {**summarise(runs, seeds, config), "corpus": corpus}
             if rules[variant].spans in ("detected", "random"):
                 results[family][variant]["detector"] = detectors[variant]
+            if on_row:
+                on_row(family, variant, results[family][variant])
     return results
 
 
