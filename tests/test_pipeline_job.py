@@ -142,9 +142,9 @@ def test_leaf_ray_serve_attaches_to_a_running_cluster(cluster, tmp_path):
         deadline = time.monotonic() + 400
         while time.monotonic() < deadline and server.poll() is None:
             try:
-                if requests.get("http://127.0.0.1:8123/health", timeout=5).status_code == 200:
+                if requests.get("http://127.0.0.1:8123/health", timeout=15).status_code == 200:
                     break
-            except requests.ConnectionError:
+            except requests.RequestException:  # not listening yet, or /health waiting on a starting engine
                 pass
             time.sleep(3)
         assert server.poll() is None, log.read_text()[-3000:]

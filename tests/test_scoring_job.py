@@ -159,8 +159,10 @@ def test_kill_and_resume_gives_the_same_outputs(uninterrupted):
     for record_id, row in expected[0].items():
         other = got[0][record_id]
         assert other["unit_text"] == row["unit_text"] and other["masked"] == row["masked"]
+        # A resumed run batches the remaining records differently (other padded lengths), so the
+        # float32 reductions differ in the last digits: 1.4e-5 seen on an AVX512 CPU.
         np.testing.assert_allclose(np.array(other["diff"], dtype=float), np.array(row["diff"], dtype=float),
-                                   atol=1e-5)
+                                   atol=1e-4)
     assert [(c["id"], c["instruction"]) for c in got[1]] == [(c["id"], c["instruction"]) for c in expected[1]]
     assert set(got[2]) == set(expected[2])
     summary = json.loads((output / "summary.json").read_text())
