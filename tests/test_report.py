@@ -2,7 +2,8 @@
 
 The samples are real: three records scored by the embedded teacher and student (one with a
 ``<script>`` fragment added to its prompt). Accuracies are the measured figures of
-benchmarks/results/embedded.json (simple family); attention masses of teacher and student are
+benchmarks/results/embedded.json (the hard family, whose every paper row is measured on the
+current build); attention masses of teacher and student are
 measured here on three held-out conflict records.
 """
 
@@ -54,7 +55,7 @@ def report() -> dict:
     graded = [(list(zip(r["unit_start"], r["unit_end"], r["unit_text"])), r["masked"], meta[r["id"]]) for r in rows]
     conflict = list(islice(iter_records(corpus.with_name("test_conflict.jsonl")), 3))
 
-    figures = json.loads((EMBEDDED.parents[1] / "benchmarks" / "results" / "embedded.json").read_text())["families"]["simple"]
+    figures = json.loads((EMBEDDED.parents[1] / "benchmarks" / "results" / "embedded.json").read_text())["families"]["hard"]
     accuracy = {"teacher": {"test_conflict": figures["teacher_conflict_acc"], "test_clean": figures["teacher_clean_acc"]},
                 "student": {"test_conflict": figures["student_conflict_acc"], "test_clean": figures["student_clean_acc"]},
                 "leaf_instr_resp": {"skipped": SKIP_REASON}}
@@ -141,7 +142,8 @@ def test_accuracy_rows_in_paper_order_with_mean_and_std(report, page):
     rows = table_cells(parse(page), "accuracy")
     expected_keys = [k for k in ROWS if k in report["accuracy"]]
     assert [r[0] for r in rows] == [ROWS[k] for k in expected_keys]
-    assert len(expected_keys) == 8, "every row of the paper table is in the fixture"
+    # embedded.json's measured rows (kd, leaf, oracle at least), a skipped one, rows without std
+    assert {"teacher", "student", "kd", "leaf", "oracle", "leaf_instr_resp"} <= set(expected_keys)
     for key, cells in zip(expected_keys, rows):
         row = report["accuracy"][key]
         if "skipped" in row:
@@ -152,7 +154,7 @@ def test_accuracy_rows_in_paper_order_with_mean_and_std(report, page):
             conflict += f" ± {row['test_conflict_std']:.3f}"
         assert cells[1:] == [conflict, f"{row['test_clean']:.3f}"]
     by_label = {r[0]: r[1:] for r in rows}
-    assert by_label[ROWS["leaf"]] == ["0.794 ± 0.008", "0.999"]  # embedded.json, simple, 3 seeds
+    assert by_label[ROWS["leaf"]] == ["0.310 ± 0.034", "0.823"]  # embedded.json, hard, 3 seeds
     assert by_label[ROWS["teacher"]] == ["1.000", "1.000"]  # no std: no ±
     assert "mean ± std over 3 seeds" in page
 
