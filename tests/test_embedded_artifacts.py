@@ -105,3 +105,22 @@ def test_reasoning_models_answer_like_provenance(reasoning_provenance):
         measured = accuracy(model, tokenizer, records, "gsm8k", 40).accuracy
         recorded = reasoning_provenance["figures"]["reasoning"][name]["test_conflict"]["accuracy"]
         assert abs(measured - recorded) <= 0.1, (name, measured, recorded)
+
+
+def test_every_committed_results_row_measured_this_build():
+    """benchmarks/results/embedded.json holds no row of another build: each family's figures and each
+    variant row carry the code hash of the sources that build that family today (a changed generator
+    makes this fail until `make reproduce` re-measures)."""
+    results = json.loads((ROOT / "benchmarks" / "results" / "embedded.json").read_text())["families"]
+    assert {"simple", "hard", "reasoning"} <= set(results)
+    for family, figures in results.items():
+        current = code_hash(REASONING.families if family == "reasoning" else None)
+        assert figures["code_hash"] == current, family
+        sections = [key for key in figures if key.endswith("variants")]
+        assert "variants" in sections, family
+        for section in sections:
+            assert figures[section], (family, section)
+            stale = [name for name, row in figures[section].items() if row["build"]["code_hash"] != current]
+            assert not stale, (family, section, stale)
+        for method, row in figures["detection_methods"].items():
+            assert {"false_cut_rate", "multi_confounder_recall"} <= set(row), (family, method)
