@@ -187,6 +187,9 @@ class DistillationConfig(StageConfig):
     max_steps: int = Field(1000, gt=0, description="Optimizer steps.")
     batch_size: int = Field(64, gt=0, description="Pairs per optimizer step, over all workers.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step (batch_size must divide).")
+    shuffle_buffer: int = Field(10_000, gt=0,
+        description="Pairs each Ray Train worker shuffles among as it streams its shard (a seeded per-epoch "
+                    "order; a bigger buffer mixes more and holds more in memory).")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     bf16_autocast: bool | Literal["auto"] = Field("auto",
         description="bf16 autocast of forward passes; 'auto': only where bf16 is native (GPUs with bf16, CPUs "

@@ -14,11 +14,14 @@ from leaf_ray.data import Record, TrainingPair
 from leaf_ray.data import encode_for_training as encode_records
 from leaf_ray.detection.store import read_training_set
 from leaf_ray.distillation.loop import (
+    PairStream,
     accumulate_gradients,
     branch_loss,
+    buffer_shuffled,
     hybrid_loss,
     sample_batch,
     split_validation,
+    streamed_batches,
     train,
 )
 from leaf_ray.distillation.variants import VARIANTS, variant_config
@@ -45,18 +48,51 @@ def pair_records(originals, counterfactuals) -> list[TrainingPair]:
 
 
 def test_a_training_set_joins_counterfactuals_by_source_id(tmp_path):
-    # The store's format, written by hand: parts in any order, counterfactuals apart from originals.
+    # The store's format, written by hand: parts in any order, each part's counterfactuals
+    # beside its originals, in another order.
     (tmp_path / "originals").mkdir()
     (tmp_path / "counterfactuals").mkdir()
     for name, rows in (("a", ORIGINALS[3:]), ("b", ORIGINALS[:3])):
         (tmp_path / "originals" / f"part-{name}.jsonl").write_text("".join(json.dumps(r.to_dict()) + "\n" for r in rows))
-    (tmp_path / "counterfactuals" / "part-a.jsonl").write_text("".join(json.dumps(c) + "\n" for c in CFS))
+        ids = {r.id for r in rows}
+        (tmp_path / "counterfactuals" / f"part-{name}.jsonl").write_text(
+            "".join(json.dumps(c) + "\n" for c in reversed(CFS) if c["source_id"] in ids))
     (tmp_path / "summary.json").write_text("{}")
     pairs = read_training_set(tmp_path)
     assert [p.original.id for p in pairs] == [f"r{i}" for i in range(6)]
     assert [len(p.counterfactuals) for p in pairs] == [1, 0, 1, 0, 1, 0]
     assert pairs[2].counterfactuals[0].instruction == "ann has 2 . how many ?"
     assert pairs == pair_records(ORIGINALS, CFS)
+
+    # A counterfactual filed in another part than its original would be lost: refused, named.
+    (tmp_path / "counterfactuals" / "part-a.jsonl").write_text("".join(json.dumps(c) + "\n" for c in CFS))
+    with pytest.raises(ValueError, match=r"part-a.jsonl: counterfactuals of \[\('r0', 'instruction'\)"):
+        read_training_set(tmp_path)
+
+
+def test_a_written_training_set_reads_back_in_parts_and_its_manifest_tells_sets_apart(tmp_path, monkeypatch):
+    """Written in parts of PAIRS_PER_PART (3 here), read back whole or part by part; the
+    manifest's digest changes with any pair and not with a rewrite of the same pairs."""
+    import leaf_ray.detection.store as store
+
+    monkeypatch.setattr(store, "PAIRS_PER_PART", 3)
+    pairs = pair_records(ORIGINALS[:5], CFS)
+    store.write_training_set(tmp_path / "set", iter(pairs), {"pairs": 5})
+    assert store.training_set_parts(tmp_path / "set") == ["part-00000.jsonl", "part-00001.jsonl"]
+    assert [len(store.read_part_pairs(tmp_path / "set", part)) for part in ("part-00000.jsonl", "part-00001.jsonl")] == [3, 2]
+    assert read_training_set(tmp_path / "set") == pairs
+    manifest = store.training_set_manifest(tmp_path / "set")
+    assert manifest["pairs"] == 5 and len(manifest["files"]) == 4
+
+    store.write_training_set(tmp_path / "set", pairs, {"pairs": 5})
+    assert store.training_set_manifest(tmp_path / "set") == manifest
+    store.write_training_set(tmp_path / "set", pairs[:2], {"pairs": 2})  # fewer parts: the old second one goes
+    assert store.training_set_parts(tmp_path / "set") == ["part-00000.jsonl"]
+    assert store.training_set_manifest(tmp_path / "set")["digest"] != manifest["digest"]
+    changed = [TrainingPair(Record(p.original.id, p.original.instruction + " !", p.original.response), p.counterfactuals)
+               for p in pairs]
+    store.write_training_set(tmp_path / "set", changed, {"pairs": 5})
+    assert store.training_set_manifest(tmp_path / "set")["digest"] != manifest["digest"]
 
 
 def test_kd_variants_train_with_lam_one_and_say_so():
@@ -126,10 +162,13 @@ def test_short_run_moves_the_student_towards_the_teacher(byte_tokenizer, update)
     assert kl[30] < 0.5 * before
 
 
-def test_a_resumed_run_continues_where_it_stopped_and_matches_an_unbroken_one(byte_tokenizer):
-    """Stop after 12 of 24 steps, resume from the reported state: the result is the unbroken run's."""
+@pytest.mark.parametrize("source", ["held", "streamed"])
+def test_a_resumed_run_continues_where_it_stopped_and_matches_an_unbroken_one(byte_tokenizer, source):
+    """Stop after 12 of 24 steps, resume from the reported state: the result is the unbroken run's,
+    with pairs held in memory and with pairs streamed in epochs."""
     teacher = tiny_llama(len(byte_tokenizer), seed=7).requires_grad_(False)
-    pairs = pair_records(ORIGINALS, CFS)
+    held = pair_records(ORIGINALS, CFS)
+    pairs = held if source == "held" else PairStream(lambda: iter(held), len(held))
     settings = config(lam=0.5, max_steps=24)
 
     unbroken = tiny_llama(len(byte_tokenizer), seed=8)
@@ -152,6 +191,44 @@ def test_a_resumed_run_continues_where_it_stopped_and_matches_an_unbroken_one(by
     assert [h["step"] for h in history] == list(range(13, 25))  # it did not start over
     for name, value in unbroken.state_dict().items():
         torch.testing.assert_close(resumed.state_dict()[name], value, rtol=1e-4, atol=1e-6)
+
+
+def test_a_buffer_shuffle_is_a_permutation_that_mixes_only_as_far_as_its_buffer():
+    items = list(range(50))
+    for buffer in (1, 7, 50, 80):
+        order = list(buffer_shuffled(iter(items), buffer, random.Random(3)))
+        assert sorted(order) == items
+        # An item leaves the buffer only after `buffer` later ones came in (or at the end).
+        assert all(position >= item - buffer + 1 for position, item in enumerate(order)), buffer
+    assert list(buffer_shuffled(iter(items), 1, random.Random(3))) == items
+    assert list(buffer_shuffled(iter(items), 50, random.Random(3))) != items
+
+
+def test_streamed_batches_split_an_epoch_over_ranks_reorder_each_epoch_and_resume_exactly():
+    pairs = [TrainingPair(Record(f"r{i:02d}", f"q{i}", "a"), [Record(f"r{i:02d}#cf{k}", "q", "a") for k in range(3)])
+             for i in range(23)]
+    stream = PairStream(lambda: iter(pairs), len(pairs))
+    settings = config(lam=0.5, shuffle_buffer=8)
+
+    def steps(rank: int, world: int, count: int, start: int = 0) -> list:
+        batches = streamed_batches(stream, settings, 3, rank, world, start)
+        return [next(batches) for _ in range(count)]
+
+    # 2 ranks: rank r keeps pairs r, r+2, ...: 12 and 11 pairs, so 4 and 3 batches of 3 an epoch.
+    for rank, per_epoch in ((0, 4), (1, 3)):
+        epochs = steps(rank, 2, 2 * per_epoch)
+        first, second = ([o.id for originals, _ in epochs[e * per_epoch:(e + 1) * per_epoch] for o in originals]
+                         for e in (0, 1))
+        mine = {p.original.id for p in pairs[rank::2]}
+        assert len(set(first)) == len(first) == 3 * per_epoch and set(first) <= mine
+        assert first != second  # a new order each epoch
+        for originals, counterfactuals in epochs:
+            assert [c.id.split("#")[0] for c in counterfactuals] == [o.id for o in originals]
+    # The same seed gives the same batches; a resumed source goes on with the unbroken one's.
+    assert steps(0, 2, 10) == steps(0, 2, 10)
+    assert steps(0, 2, 10)[6:] == steps(0, 2, 4, start=6)
+    with pytest.raises(ValueError, match="worker 1 of 2 holds fewer than 3 training pairs"):
+        next(streamed_batches(PairStream(lambda: iter(pairs[:5]), 5), settings, 3, 1, 2, 0))
 
 
 def test_validation_split_is_stable_and_disjoint():

@@ -25,6 +25,8 @@ import hashlib
 import json
 import os
 import socket
+from collections.abc import Iterable
+from itertools import count, islice
 from pathlib import Path
 from typing import Any
 
@@ -123,14 +125,26 @@ def read_scores(root: Path) -> list[dict[str, Any]]:
     return [row for path in sorted((root / "scores").glob("part-*.parquet")) for row in pq.read_table(path).to_pylist()]
 
 
-def write_training_set(folder: Path, pairs: list[TrainingPair], summary: dict[str, Any]) -> None:
-    """A training set in one part: the verification stage's kept pairs, a control variant's pairs.
-    Counterfactuals point back to their original by ``source_id`` and ``level`` (a record may
-    have a pair at each level)."""
-    write_atomically(folder / "originals" / "part-0.jsonl", _write_jsonl(
-        [{**p.original.to_dict(), "level": p.level} for p in pairs]))
-    write_atomically(folder / "counterfactuals" / "part-0.jsonl", _write_jsonl(
-        [{**c.to_dict(), "source_id": p.original.id, "level": p.level} for p in pairs for c in p.counterfactuals]))
+PAIRS_PER_PART = 10_000  # a training set's parts: few files, each small enough to join in memory
+
+
+def write_training_set(folder: Path, pairs: Iterable[TrainingPair], summary: dict[str, Any]) -> None:
+    """A training set (the verification stage's kept pairs, a control variant's pairs) in parts
+    of :data:`PAIRS_PER_PART` pairs, read as they come. Counterfactuals sit in the part of their
+    original and point back to it by ``source_id`` and ``level`` (a record may have a pair at
+    each level). Parts of an earlier set in ``folder`` are removed first."""
+    for stale in [*(folder / "originals").glob("part-*"), *(folder / "counterfactuals").glob("part-*")]:
+        stale.unlink()
+    remaining = iter(pairs)
+    for index in count():
+        chunk = list(islice(remaining, PAIRS_PER_PART))
+        if index and not chunk:  # an empty set still gets its (empty) first part
+            break
+        name = f"part-{index:05d}.jsonl"
+        write_atomically(folder / "originals" / name, _write_jsonl([{**p.original.to_dict(), "level": p.level}
+                                                                    for p in chunk]))
+        write_atomically(folder / "counterfactuals" / name, _write_jsonl(
+            [{**c.to_dict(), "source_id": p.original.id, "level": p.level} for p in chunk for c in p.counterfactuals]))
     write_text_atomically(folder / "summary.json", json.dumps(summary, indent=2) + "\n")
 
 
@@ -143,19 +157,59 @@ def read_originals(folder: Path) -> list[Record]:
     return sorted((Record.from_dict(row) for row in read_jsonl_parts(folder, "originals")), key=lambda r: r.id)
 
 
-def read_training_set(folder: Path) -> list[TrainingPair]:
-    """Originals joined with their counterfactuals (by ``source_id`` and ``level``), sorted by id
-    and level."""
+def training_set_parts(folder: Path) -> list[str]:
+    """The names of a training set's parts (a scoring batch's or a written chunk's), sorted."""
     if not is_training_set(folder):
         raise FileNotFoundError(f"{folder} holds no finished training set (originals/ and summary.json)")
+    return sorted(path.name for path in (folder / "originals").glob("part-*.jsonl"))
+
+
+def read_part_pairs(folder: Path, part: str) -> list[TrainingPair]:
+    """One part's originals joined with their counterfactuals (by ``source_id`` and ``level``),
+    in the part's order. Every writer keeps a record's counterfactuals in its original's part."""
     by_source: dict[tuple[str, str], list[Record]] = {}
-    for row in read_jsonl_parts(folder, "counterfactuals"):
+    counterfactuals = folder / "counterfactuals" / part
+    for row in _read_jsonl(counterfactuals) if counterfactuals.exists() else []:
         by_source.setdefault((row["source_id"], row.get("level", "instruction")), []).append(Record.from_dict(row))
-    originals = sorted(read_jsonl_parts(folder, "originals"), key=lambda row: (row["id"], row.get("level", "")))
-    return [TrainingPair(Record.from_dict(row), by_source.get((row["id"], level), []), level)
-            for row in originals for level in [row.get("level", "instruction")]]
+    pairs = [TrainingPair(Record.from_dict(row), by_source.pop((row["id"], level), []), level)
+             for row in _read_jsonl(folder / "originals" / part) for level in [row.get("level", "instruction")]]
+    if by_source:
+        raise ValueError(f"{counterfactuals}: counterfactuals of {sorted(by_source)[:3]} have no original in "
+                         f"originals/{part}; a training set keeps them in their original's part")
+    return pairs
+
+
+def read_training_set(folder: Path) -> list[TrainingPair]:
+    """Every pair of a training set, sorted by id and level: for the stages that need them all at
+    once. Distillation streams the parts instead (:func:`read_part_pairs`)."""
+    pairs = [pair for part in training_set_parts(folder) for pair in read_part_pairs(folder, part)]
+    return sorted(pairs, key=lambda p: (p.original.id, p.level))
+
+
+def training_set_manifest(folder: Path) -> dict[str, Any]:
+    """What a training set holds, read file by file in fixed-size chunks (memory stays flat
+    whatever its size): each part's path, size and sha256, the number of pairs, and one digest
+    of them all, which tells two sets apart without parsing a row."""
+    files, pairs, digest = [], 0, hashlib.sha256()
+    for part in training_set_parts(folder):
+        for kind in ("originals", "counterfactuals"):
+            path = folder / kind / part
+            if not path.exists():
+                continue
+            checksum, lines = hashlib.sha256(), 0
+            with path.open("rb") as handle:
+                for chunk in iter(lambda: handle.read(1 << 20), b""):
+                    checksum.update(chunk)
+                    lines += chunk.count(b"\n")
+            files.append({"path": f"{kind}/{part}", "bytes": path.stat().st_size, "sha256": checksum.hexdigest()})
+            pairs += lines if kind == "originals" else 0
+            digest.update(f"{kind}/{part} {checksum.hexdigest()}\n".encode())
+    return {"files": files, "pairs": pairs, "digest": digest.hexdigest()[:16]}
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def read_jsonl_parts(root: Path, folder: str) -> list[dict[str, Any]]:
-    return [json.loads(line) for path in sorted((root / folder).glob("part-*.jsonl"))
-            for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [row for path in sorted((root / folder).glob("part-*.jsonl")) for row in _read_jsonl(path)]

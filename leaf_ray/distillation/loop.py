@@ -11,7 +11,8 @@ run under no_grad, or (``teacher: cache``) a :class:`TeacherCache` of its top-k 
 
 :func:`train` is the only optimizer loop. It runs as rank ``r`` of ``world`` workers: a
 Ray Train worker calls it with its rank and a ``report`` callback that checkpoints, the
-embedded benchmark's harness calls it with rank 0 of 1. It is plain PyTorch; with
+embedded benchmark's harness calls it with rank 0 of 1 and pairs held in memory, a Ray
+Train worker with its shard of the training set as a stream. It is plain PyTorch; with
 ``torch.distributed`` initialised (DDP or FSDP, :mod:`leaf_ray.distillation.parallel`),
 losses and validation sums are all-reduced.
 """
@@ -22,8 +23,10 @@ import hashlib
 import math
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import nullcontext
+from dataclasses import dataclass
+from itertools import count
 from typing import Any
 
 import torch
@@ -37,22 +40,93 @@ from leaf_ray.distillation.teacher_cache import TeacherCache
 from leaf_ray.models import bf16_autocast_enabled
 
 
-def sample_batch(pairs: Sequence[TrainingPair], config: DistillationConfig, size: int, rng: random.Random
-                 ) -> tuple[list[Record], list[Record] | None]:
-    """``size`` originals drawn with replacement and, for the hybrid loss, one counterfactual each.
+StepBatch = tuple[list[Record], "list[Record] | None"]  # (originals, one counterfactual each or None)
 
-    A pair without counterfactuals uses its original in the counterfactual branch, so it
-    contributes plain KD. ``mixed`` mode draws from one pool of originals and
-    counterfactuals and has no second branch.
-    """
-    if config.mode == "mixed":
-        pool = [r for p in pairs for r in (p.original, *p.counterfactuals)]
-        return [rng.choice(pool) for _ in range(size)], None
-    chosen = [rng.choice(pairs) for _ in range(size)]
+
+@dataclass(frozen=True)
+class PairStream:
+    """A training set too big to hold, read again for every epoch: ``read()`` yields every pair
+    in the same order each time (a worker's Ray Data iterator); ``size`` is about how many."""
+
+    read: Callable[[], Iterable[TrainingPair]]
+    size: int
+
+
+def branches(chosen: Sequence[TrainingPair], config: DistillationConfig, rng: random.Random) -> StepBatch:
+    """The originals of ``chosen`` and, for the hybrid loss, one counterfactual of each, drawn
+    by ``rng``. A pair without counterfactuals uses its original in the counterfactual branch,
+    so it contributes plain KD. ``mixed`` mode and plain KD have no second branch."""
     originals = [p.original for p in chosen]
-    if config.lam >= 1.0:
+    if config.mode == "mixed" or config.lam >= 1.0:
         return originals, None
     return originals, [rng.choice(p.counterfactuals) if p.counterfactuals else p.original for p in chosen]
+
+
+def mixed_pool(pairs: Iterable[TrainingPair]) -> Iterator[TrainingPair]:
+    """``mixed`` mode's pool, as the official code builds it: originals and counterfactuals alike."""
+    for pair in pairs:
+        for record in (pair.original, *pair.counterfactuals):
+            yield TrainingPair(record, [], pair.level)
+
+
+def sample_batch(pairs: Sequence[TrainingPair], config: DistillationConfig, size: int, rng: random.Random
+                 ) -> StepBatch:
+    """``size`` pairs drawn with replacement (in ``mixed`` mode, from the pool), with their branches."""
+    if config.mode == "mixed":
+        pairs = list(mixed_pool(pairs))
+    return branches([rng.choice(pairs) for _ in range(size)], config, rng)
+
+
+def sampled_batches(pairs: Sequence[TrainingPair], config: DistillationConfig, size: int, rank: int, world: int,
+                    start: int) -> Iterator[StepBatch]:
+    """Step batches drawn with replacement from pairs held in memory (the embedded benchmark's
+    harness), reproducible per rank; the draws of the ``start`` finished steps are replayed."""
+    rng = random.Random(config.seed if world == 1 else f"{config.seed}/{rank}")
+    for _ in range(start):
+        sample_batch(pairs, config, size, rng)
+    while True:
+        yield sample_batch(pairs, config, size, rng)
+
+
+def buffer_shuffled(items: Iterable[Any], buffer_size: int, rng: random.Random) -> Iterator[Any]:
+    """``items`` in a random order that only ever holds ``buffer_size`` of them: each new item
+    takes the place of a random one from the buffer, which is yielded."""
+    buffer: list[Any] = []
+    for item in items:
+        if len(buffer) < buffer_size:
+            buffer.append(item)
+            continue
+        index = rng.randrange(buffer_size)
+        yield buffer[index]
+        buffer[index] = item
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+def streamed_batches(stream: PairStream, config: DistillationConfig, size: int, rank: int, world: int,
+                     start: int) -> Iterator[StepBatch]:
+    """Step batches from a stream, epoch after epoch: this rank's pairs (every ``world``-th, so the
+    shards are the same in every run), in a per-epoch order seeded by ``(seed, rank, epoch)``
+    (:func:`buffer_shuffled` over ``shuffle_buffer`` pairs), ``size`` at a time; an epoch's last
+    partial batch is dropped. The ``start`` batches a resumed run already trained are drawn and
+    skipped, so it goes on with the batch an unbroken run would train next."""
+    step = 0
+    for epoch in count():
+        rng = random.Random(f"{config.seed}/{rank}/{epoch}")
+        pairs = stream.read() if config.mode != "mixed" else mixed_pool(stream.read())
+        mine = (pair for index, pair in enumerate(pairs) if index % world == rank)
+        batch, batches_this_epoch = [], 0
+        for pair in buffer_shuffled(mine, config.shuffle_buffer, rng):
+            batch.append(pair)
+            if len(batch) < size:
+                continue
+            chosen, batch = branches(batch, config, rng), []
+            step, batches_this_epoch = step + 1, batches_this_epoch + 1
+            if step > start:
+                yield chosen
+        if not batches_this_epoch:
+            raise ValueError(f"worker {rank} of {world} holds fewer than {size} training pairs: lower "
+                             "distillation.batch_size or distillation.num_workers")
 
 
 def encode_branch(tokenizer, records: Sequence[Record]) -> dict[str, Any]:
@@ -102,14 +176,16 @@ def make_optimizer(model: torch.nn.Module, config: DistillationConfig):
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(config.warmup_steps, config.max_steps))
 
 
+def validation_bucket(record_id: str) -> float:
+    """Where a record falls in [0, 1): those below ``validation_fraction`` may validate."""
+    return int(hashlib.sha1(record_id.encode()).hexdigest()[:8], 16) / 16**8
+
+
 def split_validation(pairs: Sequence[TrainingPair], fraction: float, limit: int
                      ) -> tuple[list[TrainingPair], list[TrainingPair]]:
     """(train, validation): a pair goes to validation by a hash of its id, so the split is the
     same on every worker and every rerun, and adding records never moves old ones."""
-    def bucket(pair: TrainingPair) -> float:
-        return int(hashlib.sha1(pair.original.id.encode()).hexdigest()[:8], 16) / 16**8
-
-    validation = [p for p in pairs if bucket(p) < fraction][:limit]
+    validation = [p for p in pairs if validation_bucket(p.original.id) < fraction][:limit]
     held = {p.original.id for p in validation}
     return [p for p in pairs if p.original.id not in held], validation
 
@@ -205,17 +281,18 @@ def validate(student, teacher, tokenizer, validation: Sequence[TrainingPair], co
 StepReport = Callable[[dict[str, Any], dict[str, Any]], None]
 
 
-def train(model, teacher, tokenizer, pairs: Sequence[TrainingPair], config: DistillationConfig, vocab: int, *,
+def train(model, teacher, tokenizer, pairs: Sequence[TrainingPair] | PairStream, config: DistillationConfig, vocab: int, *,
           validation: Sequence[TrainingPair] = (), rank: int = 0, world: int = 1, resume: dict[str, Any] | None = None,
           report: StepReport | None = None) -> list[dict[str, Any]]:
     """Distil for ``max_steps`` optimizer steps of ``batch_size`` pairs split over ``world`` workers.
 
     ``model`` is the student, possibly wrapped by DDP or sharded by FSDP; ``teacher`` is a
-    model, frozen here, or a :class:`TeacherCache`. ``resume`` is a training state an earlier
-    call's checkpoint saved (full optimizer state, schedule, step): the run continues at the
-    next step with the same data,
-    because rank ``r``'s batches come from a generator seeded by ``(seed, r)`` that is
-    replayed to the step. ``report(metrics, state)`` is called after every step on every
+    model, frozen here, or a :class:`TeacherCache`. ``pairs`` are held in memory and sampled
+    with replacement (:func:`sampled_batches`), or a :class:`PairStream` read in seeded epochs
+    (:func:`streamed_batches`, what Ray Train workers get). ``resume`` is a training state an
+    earlier call's checkpoint saved (full optimizer state, schedule, step): the run continues
+    at the next step with the same data, because both batch sources are seeded per rank and
+    skip the batches of the finished steps. ``report(metrics, state)`` is called after every step on every
     worker; ``state`` holds the model, optimizer and schedule a checkpoint needs. Validation
     runs every ``validation_interval`` steps and at the end.
     Returns this call's per-step metrics.
@@ -229,14 +306,15 @@ def train(model, teacher, tokenizer, pairs: Sequence[TrainingPair], config: Dist
         load_optimizer_state(model, optimizer, resume["optimizer"])
         schedule.load_state_dict(resume["schedule"])
         start = resume["step"]
-    rng = random.Random(config.seed if world == 1 else f"{config.seed}/{rank}")
     per_worker = config.batch_size // world
-    for _ in range(start):  # replay the draws of finished steps: the step is the data position
-        sample_batch(pairs, config, per_worker, rng)
+    if isinstance(pairs, PairStream):
+        batches, num_pairs = streamed_batches(pairs, config, per_worker, rank, world, start), pairs.size
+    else:
+        batches, num_pairs = sampled_batches(pairs, config, per_worker, rank, world, start), len(pairs)
     plain = bare_model(model)  # generation needs the Hugging Face model
     # Sharded forwards are collectives: every FSDP worker validates the whole set in lockstep.
     val_rank, val_world = (0, 1) if lockstep_forwards(model) else (rank, world)
-    validate_every = config.validation_interval(len(pairs))
+    validate_every = config.validation_interval(num_pairs)
 
     history = []
     steps = range(start + 1, config.max_steps + 1)
@@ -244,7 +322,7 @@ def train(model, teacher, tokenizer, pairs: Sequence[TrainingPair], config: Dist
     for step in bar:
         started = time.perf_counter()
         model.train()
-        originals, counterfactuals = sample_batch(pairs, config, per_worker, rng)
+        originals, counterfactuals = next(batches)
         optimizer.zero_grad(set_to_none=True)
         loss, parts = accumulate_gradients(model, teacher, tokenizer, originals, counterfactuals, config, vocab)
         grad_norm = clip_gradients(model, config.max_grad_norm)

@@ -1,7 +1,10 @@
 """Stage 2 at scale: Ray Train runs :func:`leaf_ray.distillation.loop.train` on a group of workers.
 
-The driver reads the variant's training set and hands it to
-:class:`~ray.train.torch.TorchTrainer` as Ray Datasets. Each worker loads the teacher (or,
+The driver never holds the training set: it hashes the set's files in fixed-size chunks
+(the run's fingerprint), reads the first few hundred validation pairs, and hands
+:class:`~ray.train.torch.TorchTrainer` a Ray Dataset that reads the set part by part. Each
+worker streams that dataset epoch after epoch and keeps every world-th pair
+(:func:`~leaf_ray.distillation.loop.streamed_batches`). Each worker loads the teacher (or,
 with ``teacher: cache``, reads the teacher cache of the training set instead) and
 the student, restores the newest checkpoint if there is one
 (:func:`checkpoints_newest_first`), wraps the student (DDP through ``prepare_model``, or
@@ -20,6 +23,7 @@ import os
 import shutil
 import tempfile
 import time
+from itertools import islice
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -32,8 +36,8 @@ from ray.train.torch import TorchTrainer
 
 from leaf_ray.config import DistillationConfig, PipelineConfig
 from leaf_ray.data import Record, TrainingPair
-from leaf_ray.detection.store import read_training_set
-from leaf_ray.distillation.loop import split_validation, train
+from leaf_ray.detection.store import read_part_pairs, training_set_manifest, training_set_parts
+from leaf_ray.distillation.loop import PairStream, train, validation_bucket
 from leaf_ray.distillation.teacher_cache import cache_folder, check_cache
 from leaf_ray.distillation.variants import variant_config
 from leaf_ray.distributed.capacity import check_capacity
@@ -85,6 +89,26 @@ def row_to_pair(row: dict[str, str]) -> TrainingPair:
                         [Record(**c) for c in json.loads(row["counterfactuals"])], row["level"])
 
 
+def training_set_dataset(folder: Path) -> ray.data.Dataset:
+    """The training set as a Ray Dataset of pair rows, read part by part on the cluster (the
+    driver holds only the part names), in part order."""
+    def read(row: dict[str, str]) -> list[dict[str, str]]:
+        return [pair_to_row(pair) for pair in read_part_pairs(folder, row["part"])]
+
+    dataset = ray.data.from_items([{"part": part} for part in training_set_parts(folder)]).flat_map(read)
+    dataset.context.execution_options.preserve_order = True
+    return dataset
+
+
+def first_validation_pairs(dataset: ray.data.Dataset, fraction: float, limit: int) -> list[dict[str, str]]:
+    """The first ``limit`` pair rows whose id falls in the validation fraction: the same rows
+    :func:`split_validation` holds out, read only as far as needed."""
+    if fraction == 0:
+        return []
+    candidates = dataset.filter(lambda row: validation_bucket(row["id"]) < fraction)
+    return list(islice(candidates.iter_rows(), limit))
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """One Ray Train worker: load, restore, wrap, then :func:`train` with a checkpointing report."""
     from leaf_ray.distillation.losses import shared_vocab_size
@@ -107,14 +131,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         teacher, teacher_tokenizer = load_model(loop_config["teacher"], device=str(device))
         vocab = shared_vocab_size(teacher_tokenizer, tokenizer, teacher.config.vocab_size, student.config.vocab_size)
 
-    # Every worker reads the whole (text-only) pair list and draws its own stream from it:
-    # sampling with replacement, reproducible per rank, with no dependence on how Ray
-    # splits blocks between workers.
-    def read(name: str) -> list[TrainingPair]:
-        if name not in loop_config["datasets"]:
-            return []
-        return sorted((row_to_pair(r) for r in ray.train.get_dataset_shard(name).iter_rows()),
-                      key=lambda p: p.original.id)
+    # Every worker streams the training set and keeps every world-th pair of it
+    # (streamed_batches), so its shard does not depend on how Ray hands out blocks, and a
+    # resumed or FSDP run sees the batches of the run it is compared with.
+    shard = ray.train.get_dataset_shard("train")
+    pairs = PairStream(lambda: (row_to_pair(row) for row in shard.iter_rows()), loop_config["train_pairs"])
+    validation = [row_to_pair(row) for row in loop_config["validation"]]
 
     # Restore before wrapping: the checkpoint holds the full student, which DDP replicates
     # and FSDP shards like freshly loaded weights.
@@ -161,7 +183,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         elif "val_loss" in metrics:
             ray.train.report(metrics)
 
-    train(model, teacher, tokenizer, read("train"), config, vocab, validation=read("validation"),
+    train(model, teacher, tokenizer, pairs, config, vocab, validation=validation,
           rank=rank, world=world, resume=resume, report=report)
 
 
@@ -208,16 +230,12 @@ def read_history(log: Path) -> list[dict[str, Any]]:
     return [by_step[step] for step in sorted(by_step)]
 
 
-def run_fingerprint(config: DistillationConfig, rows: dict[str, list[dict[str, str]]]) -> dict[str, Any]:
-    """What a checkpoint is only valid for: the pairs (``rows`` by split, as the workers get them),
-    the worker count and every other setting (but ``max_failures`` and ``resources``, which do not
-    change what is trained)."""
-    data = hashlib.sha256()
-    for split in sorted(rows):
-        for row in rows[split]:
-            data.update(json.dumps(row, sort_keys=True).encode())
+def run_fingerprint(config: DistillationConfig, data_digest: str) -> dict[str, Any]:
+    """What a checkpoint is only valid for: the training set's files (``data_digest``, from
+    :func:`training_set_manifest`), the worker count and every other setting (but
+    ``max_failures`` and ``resources``, which do not change what is trained)."""
     settings = json.dumps(config.model_dump(exclude={"max_failures", "num_workers", "resources"}), sort_keys=True, default=str)
-    return {"data": data.hexdigest()[:16], "num_workers": config.num_workers,
+    return {"data": data_digest, "num_workers": config.num_workers,
             "settings": hashlib.sha256(settings.encode()).hexdigest()[:16]}
 
 
@@ -236,34 +254,38 @@ def run_distillation(run: DistillationRun) -> dict[str, Any]:
     with folder_lock(output):  # a second run on this folder refuses instead of mixing checkpoints
         started = time.perf_counter()
         check_teacher(run)
-        train_pairs, validation = split_validation(read_training_set(Path(run.data_dir)), config.validation_fraction,
-                                                   config.validation_max_records)
-        if not train_pairs:
-            raise ValueError(f"no training pairs in {run.data_dir}")
-        rows = {split: [pair_to_row(p) for p in pairs]
-                for split, pairs in (("train", train_pairs), ("validation", validation)) if pairs}
-        fingerprint = run_fingerprint(config, rows)
+        manifest = training_set_manifest(Path(run.data_dir))
+        fingerprint = run_fingerprint(config, manifest["digest"])
         if run.teacher_cache is not None:  # checkpoints are only valid for the cache they learned from
             fingerprint["teacher_cache"] = hashlib.sha256(
                 (Path(run.teacher_cache) / "fingerprint.json").read_bytes()).hexdigest()[:16]
         claim_folder(output, fingerprint)
         worker = config.resources.bundle() if config.use_gpu else {"CPU": config.resources.num_cpus}
         check_capacity(worker, config.num_workers, "distillation.resources / distillation.num_workers")
-        datasets = {split: ray.data.from_items(split_rows) for split, split_rows in rows.items()}
+        pairs = training_set_dataset(Path(run.data_dir))
+        validation = first_validation_pairs(pairs, config.validation_fraction, config.validation_max_records)
+        held = {row["id"] for row in validation}
+        # Pairs outside validation; a held record's other-level pair, if the limit fell between
+        # the two, is in neither, so this may count one or two too many.
+        train_pairs = manifest["pairs"] - len(validation)
+        if train_pairs <= 0:
+            raise ValueError(f"no training pairs in {run.data_dir}")
+        ingest = DataConfig.default_ingest_options()
+        ingest.preserve_order = True  # the same stream, hence the same shards, in every run
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={"distillation": config.model_dump(), "teacher": run.teacher, "student": run.student,
                                "teacher_cache": run.teacher_cache,
                                "output_dir": str(output), "checkpoints": str(output / "ray_train" / run.name),
-                               "datasets": list(datasets),
+                               "train_pairs": train_pairs, "validation": validation,
                                "fail_at_step": int(os.environ.get(FAIL_AT_STEP_ENV, "0"))},
             scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
                                          resources_per_worker=worker),
             run_config=RunConfig(name=run.name, storage_path=str(output / "ray_train"),
                                  failure_config=FailureConfig(max_failures=config.max_failures),
                                  checkpoint_config=CheckpointConfig(num_to_keep=2)),
-            datasets=datasets,
-            dataset_config=DataConfig(datasets_to_split=[]),
+            datasets={"train": pairs.filter(lambda row: row["id"] not in held)},
+            dataset_config=DataConfig(datasets_to_split=[], execution_options=ingest),
         )
         result = trainer.fit()
         if result.checkpoint is None:
@@ -271,7 +293,7 @@ def run_distillation(run: DistillationRun) -> dict[str, Any]:
         with result.checkpoint.as_directory() as folder:
             shutil.copytree(Path(folder) / "model", output / "model", dirs_exist_ok=True)
         final = {"name": run.name, "variant": config.variant, "lam": config.lam, "batch_size": config.batch_size,
-                 "train_pairs": len(train_pairs), "validation_pairs": len(validation),
+                 "train_pairs": train_pairs, "validation_pairs": len(validation),
                  "metrics": result.metrics, "history": read_history(output / "metrics.jsonl"),
                  "wall_s": round(time.perf_counter() - started, 2), "checkpoint": result.checkpoint.path}
         write_text_atomically(done, json.dumps(final, indent=2, default=str) + "\n")
