@@ -134,7 +134,7 @@ def main() -> None:
     tokens = sum(real_tokens(tokenizer, o) + real_tokens(tokenizer, c) for o, c in batches)
     work = Path(tempfile.mkdtemp())
     cache, build_s = build_cache(teacher, tokenizer, pairs, args.k, vocab, work / "cache")
-    print(f"cache of {len(cache.entries)} records built in {build_s:.1f} s", flush=True)
+    print(f"cache of {len(cache)} records built in {build_s:.1f} s", flush=True)
 
     student.requires_grad_(True).train()
     walls: dict[str, list[float]] = {"online": [], "cache": []}
@@ -157,7 +157,7 @@ def main() -> None:
         trial, trial_s = build_cache(teacher, tokenizer, pairs, k, vocab, work / f"cache-{k}")
         step_s = statistics.median(timed_steps(student, trial, tokenizer, batches, vocab) for _ in range(args.repeats))
         stored = sum(p.stat().st_size for p in (work / f"cache-{k}" / "logits").glob("*.parquet"))
-        positions = sum(entry[0].shape[0] for entry in trial.entries.values())
+        positions = sum(entry[0].shape[0] for entry in trial.read_all().values())
         k_tradeoff.append({"k": k, "bytes_per_position": round(stored / positions, 1), "build_s": round(trial_s, 2),
                            "tokens_per_s": round(tokens / step_s, 1),
                            "forward_kl_kept": round(kept_fraction(pristine, teacher, tokenizer, batches, k, vocab), 4)})
@@ -172,7 +172,7 @@ def main() -> None:
         "teacher_in_workers": False,  # with the cache; online, every worker loads it
         "worker_peak_rss_gib": rss,
         "cache_build_s": round(build_s, 2),
-        "cache_records": len(cache.entries),
+        "cache_records": len(cache),
         "training_pairs": len(pairs),
         "breakeven_epochs": round(build_s / saved_per_epoch, 3) if saved_per_epoch > 0 else None,
         "k_tradeoff": k_tradeoff,

@@ -198,7 +198,7 @@ def test_the_teacher_cache_job_is_idempotent_resumable_and_tied_to_what_built_it
     first = run_teacher_cache(cache_pipeline, scored.data_dir)
     assert first["records"] == first["this_run"]["records"] == len(records)
     assert first["positions"] > 0 and first["raw_bytes_per_position"] == 16 * 6 + 2
-    built = TeacherCache(folder).entries
+    built = TeacherCache(folder).read_all()
     assert built.keys() == records.keys()
     markers = {path: path.stat().st_mtime_ns for path in (folder / "_done").glob("*.json")}
     assert len(markers) > 2
@@ -217,7 +217,7 @@ def test_the_teacher_cache_job_is_idempotent_resumable_and_tied_to_what_built_it
     assert resumed["this_run"]["records"] == len(lost_keys) < len(records)
     assert all(path.stat().st_mtime_ns == mtime for path, mtime in markers.items() if path != lost)
     assert not list((folder / "logits").glob(".tmp-*"))
-    rebuilt = TeacherCache(folder).entries
+    rebuilt = TeacherCache(folder).read_all()
     assert rebuilt.keys() == built.keys()
     assert all(torch.equal(a, b) for key in built for a, b in zip(built[key], rebuilt[key]))
 

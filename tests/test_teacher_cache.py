@@ -114,3 +114,38 @@ def test_a_cache_serves_targets_under_bf16_autocast(tmp_path, byte_tokenizer, by
         autocast = cache.targets(RECORDS)
     assert autocast.logprobs.dtype == torch.float16
     assert torch.equal(autocast.ids, plain.ids) and torch.equal(autocast.logprobs, plain.logprobs)
+
+
+def test_a_cache_in_many_parts_reads_only_what_a_batch_needs_and_gives_every_row(tmp_path, byte_tokenizer, byte_model):
+    """One part per record, one part decoded at a time: every record's targets are the rows
+    written for it (read back here with plain pyarrow), in the batch's order; keys that share
+    their first 64 bits, the index's, are still told apart."""
+    vocab = len(byte_tokenizer)
+    rows = cache_rows(byte_model, byte_tokenizer, RECORDS, k=8, temperature=1.0, vocab=vocab)
+    twins = [{**rows[3], "key": "f" * 16 + "0" * 24}, {**rows[4], "key": "f" * 16 + "1" * 24}]
+    folder = cache_of(tmp_path / "cache", rows[:1], byte_tokenizer, vocab)
+    for number, row in enumerate(rows[1:] + twins, start=1):
+        pq.write_table(pa.Table.from_pylist([row]), folder / "logits" / f"part-{number}.parquet")
+    cache = TeacherCache(folder, parts_in_memory=1)
+    assert len(cache) == len(rows) + 2 and len(cache.read_all()) == len(rows) + 2
+
+    def written(key: str) -> tuple[list, list]:
+        for path in sorted((folder / "logits").glob("*.parquet")):
+            for row in pq.read_table(path).to_pylist():
+                if row["key"] == key:
+                    return row["ids"], row["logprobs"]
+        raise KeyError(key)
+
+    order = [RECORDS[i] for i in (4, 0, 2, 0, 3)]
+    targets = cache.targets(order)
+    at = 0
+    for record in order:
+        ids, logprobs = written(cache_rows(byte_model, byte_tokenizer, [record], 8, 1.0, vocab)[0]["key"])
+        count = len(ids) // 8
+        assert targets.ids[at:at + count].flatten().tolist() == ids
+        assert targets.logprobs[at:at + count].flatten().tolist() == pytest.approx(logprobs)
+        at += count
+    assert at == targets.ids.shape[0]
+    for twin in twins:
+        assert cache.entry(twin["key"])[0].flatten().tolist() == written(twin["key"])[0]
+    assert cache.entry("f" * 16 + "2" * 24) is None

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -138,40 +139,91 @@ def check_cache(folder: str | Path, tokenizer, temperature: float, teacher_finge
                                 "Delete it to rebuild it, or distil with teacher: online")
 
 
-class TeacherCache:
-    """A finished cache folder, in memory: what a distillation worker holds instead of the teacher.
+Entry = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # one record's ids, log-probs and tail, by position
 
-    ``targets(records)`` gives the teacher's :class:`SparseTargets` for a batch, rows in the
-    batch's order, as :func:`leaf_ray.distillation.losses.sparse_distill_loss` wants them.
+
+class TeacherCache:
+    """A finished cache folder, read as batches need it: what a distillation worker holds
+    instead of the teacher.
+
+    It holds an index of every record (its key's first 64 bits, part and row: 16 bytes a
+    record, found by binary search) and the last ``parts_in_memory`` parts it decoded, not the
+    cache: a worker's memory stays flat however big the training set. ``targets(records)``
+    gives the teacher's :class:`SparseTargets` for a batch, rows in the batch's order, as
+    :func:`leaf_ray.distillation.losses.sparse_distill_loss` wants them.
     """
 
-    def __init__(self, folder: str | Path):
+    def __init__(self, folder: str | Path, parts_in_memory: int = 64):
         self.folder = Path(folder)
         built = finished_cache(self.folder)
         self.vocab = int(built["vocab"])
-        width = min(int(built["k"]), self.vocab)  # ids per position
-        self.entries: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-        for path in sorted((self.folder / "logits").glob("part-*.parquet")):
-            table = pq.read_table(path)
-            keys, counts = table.column("key").to_pylist(), table.column("positions").to_pylist()
-            columns = (_lists(table.column(name)) for name in ("ids", "logprobs", "tail"))
-            for key, count, ids, logprobs, tail in zip(keys, counts, *columns):
-                self.entries[key] = (torch.from_numpy(ids.reshape(count, width)),
-                                     torch.from_numpy(logprobs.reshape(count, width)), torch.from_numpy(tail))
+        self.width = min(int(built["k"]), self.vocab)  # ids per position
+        self.parts = sorted((self.folder / "logits").glob("part-*.parquet"))
+        prefixes, parts, rows = [np.empty(0, np.uint64)], [np.empty(0, np.int32)], [np.empty(0, np.int32)]
+        for number, path in enumerate(self.parts):
+            keys = pq.read_table(path, columns=["key"]).column("key").to_pylist()
+            prefixes.append(np.fromiter((_prefix(key) for key in keys), dtype=np.uint64, count=len(keys)))
+            parts.append(np.full(len(keys), number, dtype=np.int32))
+            rows.append(np.arange(len(keys), dtype=np.int32))
+        order = np.argsort(np.concatenate(prefixes), kind="stable")
+        self._prefixes, self._parts = np.concatenate(prefixes)[order], np.concatenate(parts)[order]
+        self._rows = np.concatenate(rows)[order]
+        self._decoded: OrderedDict[int, dict[str, Entry]] = OrderedDict()
+        self._parts_in_memory = parts_in_memory
+
+    def __len__(self) -> int:
+        return len(self._prefixes)
+
+    def entry(self, key: str) -> Entry | None:
+        """A record's cached targets, or None when the cache lacks it."""
+        prefix = np.uint64(_prefix(key))
+        at = int(np.searchsorted(self._prefixes, prefix))
+        while at < len(self._prefixes) and self._prefixes[at] == prefix:  # a shared prefix: check the key
+            found = self._part(int(self._parts[at])).get(key)
+            if found is not None:
+                return found
+            at += 1
+        return None
+
+    def read_all(self) -> dict[str, Entry]:
+        """Every entry, in memory: for small caches and for tests."""
+        return {key: entry for number in range(len(self.parts)) for key, entry in self._read_part(number).items()}
 
     def targets(self, records: Sequence[Record]) -> SparseTargets:
-        try:
-            entries = [self.entries[record_key(r)] for r in records]
-        except KeyError:
-            missing = next(r.id for r in records if record_key(r) not in self.entries)
+        entries = [self.entry(record_key(r)) for r in records]
+        if any(entry is None for entry in entries):
+            missing = next(r.id for r, entry in zip(records, entries) if entry is None)
             raise TeacherCacheError(f"record {missing!r} is not in the teacher cache {self.folder}: the training "
                                     "set changed after the cache was built; rerun the teacher_cache stage, which "
-                                    "caches the records it lacks") from None
+                                    "caches the records it lacks")
         # Outside CPU autocast: under bf16 autocast, cat refuses float16 tensors ("Unexpected
         # floating ScalarType"), and the cache's values are data, not activations.
         with torch.autocast("cpu", enabled=False):
             ids, logprobs, tail = (torch.cat([entry[i] for entry in entries]) for i in range(3))
         return SparseTargets(ids, logprobs, tail, self.vocab)
+
+    def _part(self, number: int) -> dict[str, Entry]:
+        """A decoded part, from the last ``parts_in_memory`` read or from disk."""
+        if number in self._decoded:
+            self._decoded.move_to_end(number)
+            return self._decoded[number]
+        decoded = self._decoded[number] = self._read_part(number)
+        if len(self._decoded) > self._parts_in_memory:
+            self._decoded.popitem(last=False)
+        return decoded
+
+    def _read_part(self, number: int) -> dict[str, Entry]:
+        table = pq.read_table(self.parts[number])
+        keys, counts = table.column("key").to_pylist(), table.column("positions").to_pylist()
+        columns = (_lists(table.column(name)) for name in ("ids", "logprobs", "tail"))
+        return {key: (torch.from_numpy(ids.reshape(count, self.width)),
+                      torch.from_numpy(logprobs.reshape(count, self.width)), torch.from_numpy(tail))
+                for key, count, ids, logprobs, tail in zip(keys, counts, *columns)}
+
+
+def _prefix(key: str) -> int:
+    """A record key's first 64 bits (keys are sha1 hex digests)."""
+    return int(key[:16], 16)
 
 
 def _lists(column: pa.ChunkedArray) -> list[np.ndarray]:
