@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import ray
+from ray.data.aggregate import Count, Min
 
 from leaf_ray.config import ColumnMapping, PipelineConfig
 from leaf_ray.corpus import canonical_row, check_corpus
@@ -51,36 +52,38 @@ def error_at(source: str, line: int, reason: str) -> dict[str, Any]:
     return {"key": f"{source}:{line}", "source": source, "line": line, "payload": None, "error": reason}
 
 
-def later_occurrences(rows: ray.data.Dataset, files: list[str]) -> tuple[dict[str, str], int]:
-    """Every row whose id an earlier row already has, files in corpus order and then rows in
-    file order: its ``file:line`` -> why it is not scored; and the number of rows. Ray Data
-    reads blocks in any order and on any node, so this is a pass of its own over the ids,
-    before scoring."""
+def is_readable(error: Any) -> bool:
+    """Whether a row's ``error`` says it decoded: no reason string (a block whose rows all
+    decoded may hand the column over as NaN floats rather than None)."""
+    return not isinstance(error, str)
+
+
+def repeated_ids(rows: ray.data.Dataset, files: list[str]) -> dict[str, tuple[str, int]]:
+    """Every id that more than one readable row has -> where its first row is (files in corpus
+    order, then lines in file order): (file, line). Grouped on the cluster (Ray Data's shuffle by
+    id), so the driver receives the repeated ids only, never every id."""
     order = {path: index for index, path in enumerate(files)}
-    first: dict[str, tuple[int, int]] = {}
-    later: dict[tuple[int, int], str] = {}
-    count = 0
-    for batch in rows.select_columns(["key", "source", "line", "error"]).iter_batches(batch_size=4096):
-        count += len(batch["key"])
-        for key, source, line, error in zip(batch["key"], batch["source"], batch["line"], batch["error"]):
-            if error is not None:  # an unreadable row is keyed by where it is: never a duplicate
-                continue
-            here = (order[str(source)], int(line))
-            if key not in first:
-                first[key] = here
-                continue
-            earlier, after = sorted((first[key], here))
-            first[key] = earlier
-            later[after] = key
-    return {f"{files[index]}:{line}": f"duplicate id {key!r}, first at {files[first[key][0]]}:{first[key][1]}"
-            for (index, line), key in later.items()}, count
+
+    def positions(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        readable = np.array([is_readable(error) for error in batch["error"]], dtype=bool)
+        files = np.array([order[str(source)] for source in batch["source"]], dtype=np.int64)
+        return {"key": batch["key"][readable], "position": (files << 32 | batch["line"].astype(np.int64))[readable]}
+
+    grouped = rows.map_batches(positions, batch_format="numpy", num_cpus=READ_STAGE_CPUS).groupby("key").aggregate(
+        Count(alias_name="rows"), Min("position", alias_name="first"))
+    repeated = {}
+    for row in grouped.filter(lambda row: row["rows"] > 1).iter_rows():
+        file, line = divmod(int(row["first"]), 1 << 32)
+        repeated[row["key"]] = (files[file], line)
+    return repeated
 
 
-def pending_rows(row: dict[str, Any], finished: set[str], duplicates: dict[str, str]) -> list[dict[str, Any]]:
-    """A row still to do: none if a finished batch has its key; an error row if it repeats an id."""
-    where = f"{row['source']}:{row['line']}"
-    if where in duplicates:
-        row = error_at(row["source"], row["line"], duplicates[where])
+def pending_rows(row: dict[str, Any], finished: set[str], repeated: dict[str, tuple[str, int]]) -> list[dict[str, Any]]:
+    """A row still to do: none if a finished batch has its key; an error row if an earlier row
+    has its id (:func:`repeated_ids`)."""
+    first = repeated.get(row["key"]) if is_readable(row["error"]) else None
+    if first is not None and (row["source"], row["line"]) != first:
+        row = error_at(row["source"], row["line"], f"duplicate id {row['key']!r}, first at {first[0]}:{first[1]}")
     return [] if row["key"] in finished else [row]
 
 
@@ -164,8 +167,9 @@ def run_scoring(config: PipelineConfig, response_pass: bool = False) -> dict[str
         rows = ray.data.read_binary_files(files, include_paths=True, num_cpus=READ_STAGE_CPUS).flat_map(
             explode_file, fn_kwargs={"columns": scoring.columns.model_dump(exclude_unset=True)},
             num_cpus=READ_STAGE_CPUS)
-        duplicates, count = later_occurrences(rows, files)
-        pending = rows.flat_map(pending_rows, fn_kwargs={"finished": finished, "duplicates": duplicates},
+        repeated = repeated_ids(rows, files)
+        count = rows.count()
+        pending = rows.flat_map(pending_rows, fn_kwargs={"finished": finished, "repeated": repeated},
                                 num_cpus=READ_STAGE_CPUS)
         # A corpus file reads as one block and an actor pool hands out whole blocks, so a
         # one-file corpus kept every actor but one idle. Blocks of about a batch's bytes fix
