@@ -15,8 +15,10 @@ rerun therefore skips every key in a marker and redoes the rest.
 
 ``originals/`` + ``counterfactuals/`` + ``summary.json`` is also the *training-set* format
 that every later stage reads (:func:`read_training_set`): the verification stage and the
-control variants write their own training sets the same way, so nothing downstream
-re-reads the corpus.
+control variants write their own training sets the same way (:func:`write_training_set`, in
+parts of :data:`PAIRS_PER_PART` pairs), so nothing downstream re-reads the corpus. Every
+writer keeps a record's counterfactuals in the part of its original, so a part joins on its
+own: distillation streams a set part by part (:func:`read_part_pairs`) and never holds it.
 """
 
 from __future__ import annotations
