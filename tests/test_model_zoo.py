@@ -184,7 +184,9 @@ def test_family_through_the_pipeline_and_the_served_api(built, cluster, tmp_path
         sample = report["serving"]["sample"]
         (expected,) = greedy_generate(model, tokenizer, [sample["prompt"]],
                                       max_new_tokens=config.evaluation.max_new_tokens)
-        assert sample["answer"] == expected
+        # A byte-level model cut off at max_new_tokens may stop inside a UTF-8 character:
+        # transformers shows its bytes as U+FFFD, vLLM's detokenizer holds them back.
+        assert sample["answer"].rstrip("\ufffd") == expected.rstrip("\ufffd")
 
         url = report["serving"]["url"].removesuffix("/v1")
         prompt = zoo.TEXTS[0]  # code, with newlines and indentation

@@ -58,18 +58,24 @@ def is_readable(error: Any) -> bool:
     return not isinstance(error, str)
 
 
-def repeated_ids(rows: ray.data.Dataset, files: list[str]) -> dict[str, tuple[str, int]]:
+ROWS_PER_ID_PARTITION = 100_000  # Ray's default of 200 hash partitions takes seconds on a small corpus
+
+
+def repeated_ids(rows: ray.data.Dataset, files: list[str], count: int) -> dict[str, tuple[str, int]]:
     """Every id that more than one readable row has -> where its first row is (files in corpus
     order, then lines in file order): (file, line). Grouped on the cluster (Ray Data's shuffle by
-    id), so the driver receives the repeated ids only, never every id."""
+    id, a partition per :data:`ROWS_PER_ID_PARTITION` of the ``count`` rows), so the driver
+    receives the repeated ids only, never every id."""
     order = {path: index for index, path in enumerate(files)}
 
     def positions(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         readable = np.array([is_readable(error) for error in batch["error"]], dtype=bool)
-        files = np.array([order[str(source)] for source in batch["source"]], dtype=np.int64)
-        return {"key": batch["key"][readable], "position": (files << 32 | batch["line"].astype(np.int64))[readable]}
+        file_index = np.array([order[str(source)] for source in batch["source"]], dtype=np.int64)
+        position = file_index << 32 | batch["line"].astype(np.int64)
+        return {"key": batch["key"][readable], "position": position[readable]}
 
-    grouped = rows.map_batches(positions, batch_format="numpy", num_cpus=READ_STAGE_CPUS).groupby("key").aggregate(
+    grouped = rows.map_batches(positions, batch_format="numpy", num_cpus=READ_STAGE_CPUS).groupby(
+        "key", num_partitions=max(1, count // ROWS_PER_ID_PARTITION)).aggregate(
         Count(alias_name="rows"), Min("position", alias_name="first"))
     repeated = {}
     for row in grouped.filter(lambda row: row["rows"] > 1).iter_rows():
@@ -167,8 +173,8 @@ def run_scoring(config: PipelineConfig, response_pass: bool = False) -> dict[str
         rows = ray.data.read_binary_files(files, include_paths=True, num_cpus=READ_STAGE_CPUS).flat_map(
             explode_file, fn_kwargs={"columns": scoring.columns.model_dump(exclude_unset=True)},
             num_cpus=READ_STAGE_CPUS)
-        repeated = repeated_ids(rows, files)
         count = rows.count()
+        repeated = repeated_ids(rows, files, count)
         pending = rows.flat_map(pending_rows, fn_kwargs={"finished": finished, "repeated": repeated},
                                 num_cpus=READ_STAGE_CPUS)
         # A corpus file reads as one block and an actor pool hands out whole blocks, so a
