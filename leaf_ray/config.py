@@ -102,6 +102,9 @@ class ScoringConfig(StageConfig):
     prefix_fraction: float = Field(0.5, gt=0, lt=1, description="Response-level: share of steps used as prefix.")
     num_actors: int = Field(1, ge=1, description="Ray Data actor pool size.")
     batch_size: int = Field(64, ge=1, description="Records per Ray Data batch handed to an actor.")
+    records_per_part: int = Field(10_000, ge=1, description="Records per part of the score store (five "
+                                  "files at most): 1M records make 100 parts. A killed job redoes the parts it had not "
+                                  "written.")
     resources: ResourcesConfig = Field(ResourcesConfig(), description="Per scoring actor.")
 
 

@@ -46,7 +46,8 @@ def report() -> dict:
     teacher, t_tok = load_model(EMBEDDED / "teacher", device="cpu")
     student, s_tok = load_model(EMBEDDED / "student", device="cpu")
     start = time.perf_counter()
-    rows, _, _, errors, stats = score_and_prune(PairScorer(teacher, t_tok, student, s_tok, config), PruningConfig(), records)
+    pruned, errors = score_and_prune(PairScorer(teacher, t_tok, student, s_tok, config), PruningConfig(), records)
+    rows = [p.score for p in pruned]
     wall = time.perf_counter() - start
     assert not errors
     meta = {r.id: r.meta for r in records}
@@ -73,8 +74,8 @@ def report() -> dict:
                       "teacher": attention_mass(teacher, t_tok, conflict)},
         "samples": rows,
         "stages": {"prepare": {"wall_s": 0.1, "skipped": True}, "serve": {"skipped": "no GPU"},
-                   "score": {"wall_s": wall, "tokens_per_s": stats["tokens"] / wall, "records": stats["scored"],
-                             "counterfactuals": stats["counterfactuals"]}},
+                   "score": {"wall_s": wall, "tokens_per_s": sum(p.tokens for p in pruned) / wall, "records": len(pruned),
+                             "counterfactuals": sum(len(p.counterfactuals) for p in pruned)}},
         "serving": {"url": "http://127.0.0.1:8000/v1", "model_id": "demo",
                     "sample": {"prompt": records[0].instruction, "answer": records[0].answer}},
     }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import decimal
 import json
+import math
 import os
 import signal
 import subprocess
@@ -66,7 +67,7 @@ def write_config(root: Path, corpus: Path, output: Path) -> Path:
     """A pipeline config whose run_dir's score/ folder is ``output``."""
     config = {"run_dir": str(output.parent), "teacher": str(EMBEDDED / "teacher"), "student": str(EMBEDDED / "student"),
               "scoring": {"corpus": str(corpus), "max_length": 96, "batch_size": 16, "num_actors": 1,
-                          "resources": {"num_cpus": 1}},
+                          "records_per_part": 16, "resources": {"num_cpus": 1}},
               "pruning": {"threshold": "quantile", "quantile": 0.1}}
     path = root / f"{output.parent.name}.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -122,6 +123,11 @@ def test_every_good_record_scored_every_bad_one_reported(uninterrupted):
     summary = json.loads((output / "summary.json").read_text())
     assert (summary["read"], summary["scored"], summary["errors"]) == (READ, SCORED, ERRORS)
     assert summary["counterfactuals"] == len(cfs) > 0
+    # The sink writes parts of records_per_part (16) rows or more, not files per batch; every file is a part's.
+    markers = {path.stem for path in (output / "_done").glob("*.json")}
+    assert 1 < len(markers) <= math.ceil(READ / 16)
+    assert {path.name.removeprefix("part-").split(".")[0] for folder in ("originals", "counterfactuals", "scores", "errors")
+            for path in (output / folder).iterdir()} == markers
 
     corpus_rows = {record["id"]: record for record in records[:240 + EXTRA]}
     for record in records[240:240 + EXTRA]:  # odd columns arrive as JSON: ISO dates, exact decimals, base64

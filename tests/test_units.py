@@ -228,7 +228,8 @@ def test_scoring_a_code_and_latex_corpus_cuts_no_structure():
         config = ScoringConfig(corpus="unused", units=units, **({"unit_pattern": pattern} if pattern else {}))
         scorer = PairScorer.from_paths(EMBEDDED / "teacher", EMBEDDED / "student", config)
         pruning = PruningConfig(break_at_newlines=breaks)
-        rows, _, cfs, errors, _ = score_and_prune(scorer, pruning, corpus)
+        pruned, errors = score_and_prune(scorer, pruning, corpus)
+        rows, cfs = [p.score for p in pruned], [cf for p in pruned for cf in p.counterfactuals]
         assert not errors
         for row, record in zip(rows, corpus):  # what the pipeline's variants re-read keeps the unit kind
             again = ScoredRecord.from_row(row, record)

@@ -8,6 +8,8 @@ it unchanged. Plain PyTorch; no Ray here.
 from __future__ import annotations
 
 import math
+import os
+import socket
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -33,7 +35,7 @@ from leaf_ray.detection.sensitivity import (
     sample_entropies,
     token_sensitivity,
 )
-from leaf_ray.detection.store import error_key, error_row, write_batch
+from leaf_ray.detection.store import error_key, error_row, scored_row, write_part
 from leaf_ray.detection.units import Unit, split_units, token_units
 from leaf_ray.models import bf16_autocast_enabled, load_model
 
@@ -322,44 +324,63 @@ def decide(scorer: PairScorer, pruning: PruningConfig, prepared: Sequence[Prepar
     return [mask for mask, _ in decided], [threshold for _, threshold in decided]
 
 
+@dataclass
+class PrunedRecord:
+    """A scored record's outputs: its scores row, its original row (as it trains, with its
+    ``level``), its counterfactual rows (with provenance) and counts."""
+
+    score: dict
+    original: dict
+    counterfactuals: list[dict]
+    tokens: int
+    masked_units: int
+    scored_units: int
+
+
 def score_and_prune(scorer: PairScorer, pruning: PruningConfig, records: Sequence[Record]
-                    ) -> tuple[list[dict], list[dict], list[dict], list[RecordError], dict[str, int]]:
-    """Scores rows, original rows (as they train, with their ``level``), counterfactual rows
-    (with provenance) and errors for a batch of records, plus counts."""
+                    ) -> tuple[list[PrunedRecord], list[RecordError]]:
+    """The outputs of every record of a batch that scored, and the records that failed."""
     scored, masks, thresholds, errors = detect(scorer, pruning, records)
-    rows, originals, cfs = [], [], []
-    stats = {"scored": len(scored), "tokens": 0, "masked_units": 0, "scored_units": 0}
     with scorer.timing("pruning"):
-        for s, mask, threshold in zip(scored, masks, thresholds):
-            rows.append(s.to_row(mask, threshold))
-            originals.append({**s.original.to_dict(), "level": s.level})
-            cfs += counterfactuals(s.record, s.scores, pruning, level=s.level, text_offset=s.text_offset,
-                                   mask=mask, threshold=threshold)
-            stats["tokens"] += s.num_tokens
-            stats["masked_units"] += int(mask.sum())
-            stats["scored_units"] += int(s.scores.scored.sum())
-    stats["counterfactuals"] = len(cfs)
-    return rows, originals, cfs, errors, stats
+        pruned = [PrunedRecord(s.to_row(mask, threshold), {**s.original.to_dict(), "level": s.level},
+                               counterfactuals(s.record, s.scores, pruning, level=s.level, text_offset=s.text_offset,
+                                               mask=mask, threshold=threshold),
+                               s.num_tokens, int(mask.sum()), int(s.scores.scored.sum()))
+                  for s, mask, threshold in zip(scored, masks, thresholds)]
+    return pruned, errors
 
 
 class ScoringBatchProcessor:
-    """Scores, prunes and writes one batch of records into the store at ``output``.
+    """The unit of work of stage 1: scores and prunes one batch of records into a row per key
+    (:meth:`score_rows`), which the store writes (:func:`~leaf_ray.detection.store.write_part`).
+    The Ray job's actors score and its sink writes parts of many batches; called directly, it
+    does both for its one batch.
 
     ``keys`` name every row of the batch (a record id, or ``file:line`` for a row that did
     not parse); ``unreadable`` holds the rows that failed before scoring, with their keys.
-    The batch's marker lists every key, so a rerun skips the whole batch.
+    A part's marker lists every key, so a rerun skips all of them.
     """
 
-    def __init__(self, scorer: PairScorer, pruning: PruningConfig, output: str | Path):
+    def __init__(self, scorer: PairScorer, pruning: PruningConfig, output: str | Path | None = None):
         self.scorer = scorer
         self.pruning = pruning
-        self.output = Path(output)
+        self.output = Path(output) if output is not None else None
+        self.name = f"{socket.gethostname()}:{os.getpid()}"  # which process scored, in each marker
+
+    def score_rows(self, keys: Sequence[str], records: Sequence[Record],
+                   unreadable: Sequence[tuple[str, RecordError]] = ()) -> list[dict]:
+        pruned, failed = score_and_prune(self.scorer, self.pruning, records)
+        rows = {key: scored_row(key, self.name) for key in keys}
+        for key, error in [*unreadable, *((error_key(e), e) for e in failed)]:
+            rows[key] = scored_row(key, self.name, error=error_row(key, error))
+        for p in pruned:
+            key = p.score["id"]
+            rows[key] = scored_row(key, self.name, p.score, p.original, p.counterfactuals, tokens=p.tokens,
+                                   masked_units=p.masked_units, scored_units=p.scored_units)
+        return list(rows.values())
 
     def __call__(self, keys: Sequence[str], records: Sequence[Record],
                  unreadable: Sequence[tuple[str, RecordError]] = ()) -> dict[str, int]:
-        rows, originals, cfs, failed, stats = score_and_prune(self.scorer, self.pruning, records)
-        errors = [error_row(key, e) for key, e in unreadable] + [error_row(error_key(e), e) for e in failed]
-        stats.update(read=len(keys), errors=len(errors))
+        rows = self.score_rows(keys, records, unreadable)
         with self.scorer.timing("writing"):
-            write_batch(self.output, list(keys), rows, originals, cfs, errors, stats)
-        return stats
+            return write_part(self.output, rows)

@@ -1,16 +1,18 @@
-"""The scoring job's output folder: written batch by batch, resumable, without duplicates.
+"""The scoring job's output folder: written part by part, resumable, without duplicates.
 
 Layout::
 
-    originals/part-<batch>.jsonl        the records scored, in the corpus schema
-    counterfactuals/part-<batch>.jsonl  one record per pruned span (corpus schema + provenance)
-    scores/part-<batch>.parquet         per record: units, teacher / student / diff, mask
-    errors/part-<batch>.jsonl           records that could not be processed, with a reason
-    _done/<batch>.json                  the batch's keys, counts and writer (host:pid), written last
+    originals/part-<part>.jsonl        the records scored, in the corpus schema
+    counterfactuals/part-<part>.jsonl  one record per pruned span (corpus schema + provenance)
+    scores/part-<part>.parquet         per record: units, teacher / student / diff, mask
+    errors/part-<part>.jsonl           records that could not be processed, with a reason
+    _done/<part>.json                  the part's keys, counts, writer and scorers (host:pid), written last
     summary.json
 
-A batch counts as done only when its ``_done`` marker exists; part files are renamed into
-place whole, and parts without a marker (a killed batch) are removed on the next run. A
+A part gathers the scored rows of many batches (``scoring.records_per_part``; the Ray job's
+sink bundles them), so that a million records make hundreds of files, not a few per batch.
+A part counts as done only when its ``_done`` marker exists; part files are renamed into
+place whole, and parts without a marker (a killed write) are removed on the next run. A
 rerun therefore skips every key in a marker and redoes the rest.
 
 ``originals/`` + ``counterfactuals/`` + ``summary.json`` is also the *training-set* format
@@ -51,9 +53,44 @@ def _write_jsonl(rows: list[dict[str, Any]]):
     return write
 
 
+STAT_COLUMNS = ("tokens", "masked_units", "scored_units")
+
+
+def scored_row(key: str, scorer: str, score: dict[str, Any] | None = None, original: dict[str, Any] | None = None,
+               counterfactuals: list[dict[str, Any]] = (), error: dict[str, Any] | None = None, *,
+               tokens: int = 0, masked_units: int = 0, scored_units: int = 0) -> dict[str, Any]:
+    """What scoring made of one key (a record, or a row that failed), as flat columns a Ray Data
+    block carries between the scoring actors and the writer: outputs as JSON text, "" for none,
+    so that every block has the same schema."""
+    def text(value: Any) -> str:
+        return "" if value is None else json.dumps(value, ensure_ascii=False)
+
+    return {"key": key, "scorer": scorer, "score": text(score), "original": text(original),
+            "counterfactuals": json.dumps(list(counterfactuals), ensure_ascii=False), "error": text(error),
+            "tokens": tokens, "masked_units": masked_units, "scored_units": scored_units}
+
+
+def write_part(root: Path, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Write the :func:`scored_row` rows of one part (any number of batches) and its marker;
+    return the part's counts. Nothing is written for no rows."""
+    if not rows:
+        return {}
+    cfs = [cf for row in rows for cf in json.loads(row["counterfactuals"])]
+    stats = {"read": len(rows), "scored": sum(bool(row["score"]) for row in rows),
+             "errors": sum(bool(row["error"]) for row in rows), "counterfactuals": len(cfs),
+             **{column: sum(int(row[column]) for row in rows) for column in STAT_COLUMNS}}
+    scorers: dict[str, int] = {}
+    for row in rows:
+        scorers[row["scorer"]] = scorers.get(row["scorer"], 0) + 1
+    write_batch(root, [row["key"] for row in rows], [json.loads(row["score"]) for row in rows if row["score"]],
+                [json.loads(row["original"]) for row in rows if row["original"]], cfs,
+                [json.loads(row["error"]) for row in rows if row["error"]], {**stats, "scored_by": scorers})
+    return stats
+
+
 def write_batch(root: Path, keys: list[str], scores: list[dict[str, Any]], originals: list[dict[str, Any]],
                 counterfactuals: list[dict[str, Any]], errors: list[dict[str, Any]], stats: dict[str, Any]) -> str:
-    """Write one batch's parts, then its marker. Returns the batch name."""
+    """Write one part's files, then its marker. Returns the part name."""
     name = batch_name(keys)
     if originals:
         write_atomically(root / "originals" / f"part-{name}.jsonl", _write_jsonl(originals))

@@ -1,9 +1,10 @@
 """Stage 1 at corpus scale: Ray Data spreads confounder scoring over an actor pool.
 
 Each actor loads teacher and student once (:class:`ScoreActor`) and runs the core
-:class:`~leaf_ray.detection.scorer.ScoringBatchProcessor` on its batches, which writes each
-batch into the run's ``score/`` store (:mod:`leaf_ray.detection.store`) so that a killed
-job resumes where it stopped.
+:class:`~leaf_ray.detection.scorer.ScoringBatchProcessor` on its batches, which turns each
+batch into a row per key. A sink (:class:`ScoreStoreDatasink`) gathers ``records_per_part``
+rows and writes them as one part of the run's ``score/`` store
+(:mod:`leaf_ray.detection.store`), so that a killed job resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -16,11 +17,13 @@ from typing import Any
 import numpy as np
 import ray
 from ray.data.aggregate import Count, Min
+from ray.data.block import BlockAccessor
+from ray.data.datasource import Datasink
 
 from leaf_ray.config import ColumnMapping, PipelineConfig
 from leaf_ray.corpus import canonical_row, check_corpus
 from leaf_ray.data import RecordError, decode_rows, parse_record
-from leaf_ray.detection.store import done_keys, totals, write_summary
+from leaf_ray.detection.store import done_keys, totals, write_part, write_summary
 from leaf_ray.distributed.capacity import READ_STAGE_CPUS, check_capacity
 from leaf_ray.files import claim_folder, folder_lock
 from leaf_ray.models import model_fingerprint
@@ -94,9 +97,9 @@ def pending_rows(row: dict[str, Any], finished: set[str], repeated: dict[str, tu
 
 
 class ScoreActor:
-    """Holds teacher and student; parses, scores, prunes and writes one batch per call."""
+    """Holds teacher and student; parses, scores and prunes one batch per call, into a row per key."""
 
-    def __init__(self, config: PipelineConfig, output: str):
+    def __init__(self, config: PipelineConfig):
         import torch
 
         from leaf_ray.detection.scorer import PairScorer, ScoringBatchProcessor
@@ -105,7 +108,7 @@ class ScoreActor:
             scorer = PairScorer.from_paths(config.teacher, config.student, config.scoring)
         except (MemoryError, torch.OutOfMemoryError, RuntimeError, OSError) as exc:
             raise RuntimeError(_load_failure(config, exc)) from exc
-        self.process = ScoringBatchProcessor(scorer, config.pruning, output)
+        self.process = ScoringBatchProcessor(scorer, config.pruning)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         records, unreadable = [], []
@@ -118,8 +121,29 @@ class ScoreActor:
                 records.append(parse_record(json.loads(payload), **where))
             except RecordError as exc:
                 unreadable.append((str(key), exc))
-        stats = self.process([str(k) for k in batch["key"]], records, unreadable)
-        return {"batch": [stats["read"]]}
+        rows = self.process.score_rows([str(k) for k in batch["key"]], records, unreadable)
+        return {column: [row[column] for row in rows] for column in rows[0]}
+
+
+class ScoreStoreDatasink(Datasink[dict]):
+    """Writes the scoring actors' rows into the store, ``records_per_part`` to a part (Ray Data
+    bundles the blocks of many batches into one write task)."""
+
+    def __init__(self, output: Path, records_per_part: int):
+        self.output = output
+        self.records_per_part = records_per_part
+        self.written = 0
+
+    @property
+    def min_rows_per_write(self) -> int:
+        return self.records_per_part
+
+    def write(self, blocks, ctx) -> dict:
+        rows = [row for block in blocks for row in BlockAccessor.for_block(block).iter_rows(public_row_format=True)]
+        return write_part(self.output, rows)
+
+    def on_write_complete(self, write_result) -> None:
+        self.written = sum(stats.get("read", 0) for stats in write_result.write_returns)
 
 
 def _load_failure(config: PipelineConfig, exc: BaseException) -> str:
@@ -182,13 +206,13 @@ def run_scoring(config: PipelineConfig, response_pass: bool = False) -> dict[str
         # that (Dataset.repartition would, but its tasks take a whole CPU the actors hold).
         pending.context.target_max_block_size = max(
             4096, sum(Path(f).stat().st_size for f in files) * scoring.batch_size // max(count, 1))
-        results = pending.map_batches(
+        sink = ScoreStoreDatasink(output, scoring.records_per_part)
+        pending.map_batches(
             ScoreActor,
-            fn_constructor_kwargs={"config": config, "output": str(output)},
+            fn_constructor_kwargs={"config": config},
             batch_size=scoring.batch_size,
             compute=ray.data.ActorPoolStrategy(size=scoring.num_actors),
             num_cpus=scoring.resources.num_cpus,
             num_gpus=scoring.resources.num_gpus,
-        )
-        processed = sum(int(row["batch"]) for row in results.iter_rows())
-        return write_summary(output, before, time.perf_counter() - started, processed, len(finished))
+        ).write_datasink(sink, ray_remote_args={"num_cpus": READ_STAGE_CPUS})
+        return write_summary(output, before, time.perf_counter() - started, sink.written, len(finished))
