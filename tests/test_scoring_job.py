@@ -67,7 +67,7 @@ def write_config(root: Path, corpus: Path, output: Path) -> Path:
     """A pipeline config whose run_dir's score/ folder is ``output``."""
     config = {"run_dir": str(output.parent), "teacher": str(EMBEDDED / "teacher"), "student": str(EMBEDDED / "student"),
               "scoring": {"corpus": str(corpus), "max_length": 96, "batch_size": 16, "num_actors": 1,
-                          "records_per_part": 16, "resources": {"num_cpus": 1}},
+                          "records_per_part": 32, "resources": {"num_cpus": 1}},
               "pruning": {"threshold": "quantile", "quantile": 0.1}}
     path = root / f"{output.parent.name}.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -123,9 +123,9 @@ def test_every_good_record_scored_every_bad_one_reported(uninterrupted):
     summary = json.loads((output / "summary.json").read_text())
     assert (summary["read"], summary["scored"], summary["errors"]) == (READ, SCORED, ERRORS)
     assert summary["counterfactuals"] == len(cfs) > 0
-    # The sink writes parts of records_per_part (16) rows or more, not files per batch; every file is a part's.
+    # The sink writes parts of records_per_part (32: two batches) rows or more, not files per batch (16 rows); every file is a part's.
     markers = {path.stem for path in (output / "_done").glob("*.json")}
-    assert 1 < len(markers) <= math.ceil(READ / 16)
+    assert 1 < len(markers) <= math.ceil(READ / 32)
     assert {path.name.removeprefix("part-").split(".")[0] for folder in ("originals", "counterfactuals", "scores", "errors")
             for path in (output / folder).iterdir()} == markers
 
