@@ -100,12 +100,17 @@ class ScoringConfig(StageConfig):
         "line", description="Response-level: how the response is cut into steps.")
     num_segments: int = Field(4, ge=2, description="Response-level, split 'segments': number of equal pieces.")
     prefix_fraction: float = Field(0.5, gt=0, lt=1, description="Response-level: share of steps used as prefix.")
-    num_actors: int = Field(1, ge=1, description="Ray Data actor pool size.")
-    batch_size: int = Field(64, ge=1, description="Records per Ray Data batch handed to an actor.")
+    num_actors: int = Field(1, ge=1, description="Model stage: actors holding teacher and student (each with "
+                                                 "resources), which run only the model passes.")
+    cpu_actors: int = Field(1, ge=1, description="Actors in each CPU stage: the one that parses, renders and "
+                                                 "tokenizes ahead of the model stage, and the one that projects "
+                                                 "and prunes after it.")
+    cpu_stage_cpus: float = Field(0.25, gt=0, description="CPUs each CPU-stage actor reserves.")
+    batch_size: int = Field(64, ge=1, description="Records per Ray Data batch handed to each stage.")
     records_per_part: int = Field(10_000, ge=1, description="Records per part of the score store (five "
                                   "files at most): 1M records make 100 parts. A killed job redoes the parts it had not "
                                   "written.")
-    resources: ResourcesConfig = Field(ResourcesConfig(), description="Per scoring actor.")
+    resources: ResourcesConfig = Field(ResourcesConfig(), description="Per model-stage actor.")
 
 
 class PruningConfig(StageConfig):

@@ -167,9 +167,9 @@ def test_a_tokenizer_shared_by_both_models_is_rendered_once_with_the_same_scores
     records = [Record(str(i), ins, res) for i, (ins, res) in enumerate(SAMPLES)]
     teacher = tiny_llama(len(byte_tokenizer), seed=1)
     shared = PairScorer(teacher, byte_tokenizer, byte_model, byte_tokenizer, ScoringConfig(corpus="c"))
-    assert shared.same_tokenizer
+    assert shared.preparer.same_tokenizer
     apart = PairScorer(teacher, byte_tokenizer, byte_model, byte_tokenizer, ScoringConfig(corpus="c"))
-    apart.same_tokenizer = False  # render and tokenize once per model, as for two tokenizers
+    apart.preparer.same_tokenizer = False  # render and tokenize once per model, as for two tokenizers
     for a, b in zip(shared.score(records)[0], apart.score(records)[0]):
         np.testing.assert_array_equal(a.scores.diff, b.scores.diff)
 

@@ -143,6 +143,43 @@ def test_every_good_record_scored_every_bad_one_reported(uninterrupted):
         assert cf["removed_text"] == [source[start:end]]
 
 
+def test_the_staged_job_scores_as_one_process_does(uninterrupted):
+    """The job runs prepare, model passes and pruning in three stages of separate processes;
+    a record's scores, mask and counterfactuals are what ScoringBatchProcessor makes of it in
+    one process."""
+    from leaf_ray.config import PruningConfig, ScoringConfig
+    from leaf_ray.data import Record
+    from leaf_ray.detection.scorer import PairScorer, ScoringBatchProcessor
+
+    _, _, _, output = uninterrupted
+    scores, cfs, _ = outputs(output)
+    records = [Record.from_dict(json.loads(line)) for line in
+               (EMBEDDED / "data" / "simple" / "distill.jsonl").read_text().splitlines()[:40]]
+    scorer = PairScorer.from_paths(EMBEDDED / "teacher", EMBEDDED / "student", ScoringConfig(corpus="-", max_length=96))
+    rows = ScoringBatchProcessor(scorer, PruningConfig(threshold="quantile", quantile=0.1)).score_rows(
+        [r.id for r in records], records)
+    for row in rows:
+        local, staged = json.loads(row["score"]), scores[row["key"]]
+        assert local["unit_text"] == staged["unit_text"] and local["masked"] == staged["masked"]
+        np.testing.assert_allclose(np.array(local["diff"], dtype=float), np.array(staged["diff"], dtype=float),
+                                   atol=1e-5)
+        assert ([cf["instruction"] for cf in json.loads(row["counterfactuals"])]
+                == [cf["instruction"] for cf in cfs if cf["source_id"] == row["key"]])
+    # Its model stage's actor spent most of its wall time inside model passes, and never more than it.
+    stage = json.loads((output / "summary.json").read_text())["this_run"]["model_stage"]
+    assert stage["actors"] == 1 and stage["batches"] >= math.ceil(READ / 16)
+    assert 0 < stage["model_pass_s"] <= stage["wall_s"] and 0 < stage["busy_share"] <= 1
+
+
+def test_model_stage_share_counts_each_actors_span_once():
+    from leaf_ray.distributed.scoring import model_stage_share
+
+    batches = {json.dumps(b) for b in (["a", 10.0, 12.0, 1.5], ["a", 13.0, 14.0, 1.0], ["b", 11.0, 12.0, 0.5])}
+    # a: 10..14 (4 s, 2.5 s of passes); b: 11..12 (1 s, 0.5 s): 3 of 5 s
+    assert model_stage_share(batches) == {"actors": 2, "batches": 3, "model_pass_s": 3.0, "wall_s": 5.0,
+                                          "busy_share": 0.6}
+
+
 def test_kill_and_resume_gives_the_same_outputs(uninterrupted):
     root, corpus, _, full = uninterrupted
     output = root / "resumed" / "score"

@@ -1,8 +1,10 @@
 """Confounder detection for whole records: render, score teacher and student, compare, prune.
 
-:class:`ScoringBatchProcessor` is the unit of work of stage 1: it scores, prunes and
-writes one batch of records into the store. The Ray Data actor and any local caller run
-it unchanged. Plain PyTorch; no Ray here.
+Three steps, each needing only what it names, so that the Ray job runs them as separate
+stages (CPU, model, CPU) that overlap: :class:`RecordPreparer` renders and tokenizes with the
+tokenizers; :func:`model_stage` runs the passes with the models (:class:`PairScorer`);
+:func:`prune` projects, decides and cuts. :class:`ScoringBatchProcessor` runs all three on one
+batch in one process, and any local caller uses it. Plain PyTorch; no Ray here.
 """
 
 from __future__ import annotations
@@ -135,38 +137,38 @@ class Prepared:
     next_step: tuple[int, int] | None  # response level: the step whose loss scores the prefix
 
 
-class PairScorer:
-    """Scores records with a teacher and a student by ``config.method``: one forward+backward
-    per model per batch for the gradient norm and gradient x input, ``ig_steps`` for
-    integrated gradients, and a forward per unit for occlusion.
+RawScores = tuple[np.ndarray, np.ndarray]  # teacher's and student's: per context token, or per unit (occlusion)
 
-    ``seconds`` sums the wall time of each phase over every call (rendering and tokenizing,
-    model passes, projection onto units, and the pruning and writing of the stage around it),
-    to show where time goes besides the model passes.
-    """
 
-    def __init__(self, teacher, teacher_tokenizer, student, student_tokenizer, config: ScoringConfig):
-        self.models = (prepare_for_scoring(teacher), prepare_for_scoring(student))
+@contextmanager
+def timed(seconds: Counter[str], phase: str) -> Iterator[None]:
+    """Add the wall time of the block to ``seconds[phase]``."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds[phase] += time.perf_counter() - start
+
+
+class RecordPreparer:
+    """The CPU half of scoring a record: render and tokenize it for both models and cut its
+    scored text into units (:meth:`prepare`). Needs the tokenizers only, so that the Ray job
+    runs it in CPU processes ahead of the model stage."""
+
+    def __init__(self, teacher_tokenizer, student_tokenizer, config: ScoringConfig,
+                 seconds: Counter[str] | None = None):
         self.tokenizers = (teacher_tokenizer, student_tokenizer)
         # Same-family pairs (Llama 3.3 70B teaching Llama 3.2 1B) usually share a tokenizer and
         # template: then each record is rendered and tokenized once, not once per model.
         self.same_tokenizer = same_tokenizer(teacher_tokenizer, student_tokenizer)
         self.config = config
-        self.seconds: Counter[str] = Counter()
-
-    @contextmanager
-    def timing(self, phase: str) -> Iterator[None]:
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[phase] += time.perf_counter() - start
+        self.seconds = Counter() if seconds is None else seconds
 
     @classmethod
-    def from_paths(cls, teacher: str | Path, student: str | Path, config: ScoringConfig) -> PairScorer:
-        t_model, t_tok = load_model(teacher, config.dtype, config.device, config.device_map)
-        s_model, s_tok = load_model(student, config.dtype, config.device)
-        return cls(t_model, t_tok, s_model, s_tok, config)
+    def from_paths(cls, teacher: str | Path, student: str | Path, config: ScoringConfig) -> RecordPreparer:
+        from transformers import AutoTokenizer
+
+        return cls(AutoTokenizer.from_pretrained(teacher), AutoTokenizer.from_pretrained(student), config)
 
     def prepare(self, record: Record,
                 split: tuple[tuple[int, int], tuple[int, int]] | None = None) -> Prepared:
@@ -209,6 +211,61 @@ class PairScorer:
         units = token_units(text, spans[1]) if cfg.units == "tokens" else split_units(text, cfg.unit_pattern)
         return Prepared(record, text, offset, (items[0], items[-1]), spans, units, target)
 
+    def prepare_all(self, records: Sequence[Record]) -> tuple[list[Prepared], list[RecordError]]:
+        """Every record prepared; records that cannot be scored come back as errors."""
+        prepared, errors = [], []
+        with timed(self.seconds, "render_and_tokenize"):
+            for record in records:
+                try:
+                    prepared.append(self.prepare(record))
+                except RecordError as exc:
+                    errors.append(exc)
+        return prepared, errors
+
+
+def project(config: ScoringConfig, prepared: Sequence[Prepared], raw: Sequence[RawScores]) -> list[ScoredRecord]:
+    """The CPU work after the passes: each record's raw scores per model onto its units, and
+    the teacher compared with the student (:func:`compare_unit_scores`)."""
+    scored = []
+    for p, per_token in zip(prepared, raw):
+        per_model = [per_token[m] if config.method == "occlusion"  # already per unit
+                     else project_to_units(p.units, p.spans[m], per_token[m], p.text) for m in range(2)]
+        scores = compare_unit_scores(p.text, p.units, per_model[0], per_model[1], config.units)
+        scored.append(ScoredRecord(p.record, scores, config.level, p.text_offset, len(p.items[1].input_ids)))
+    return scored
+
+
+class PairScorer:
+    """Scores records with a teacher and a student by ``config.method``: one forward+backward
+    per model per batch for the gradient norm and gradient x input, ``ig_steps`` for
+    integrated gradients, and a forward per unit for occlusion.
+
+    ``seconds`` sums the wall time of each phase over every call (rendering and tokenizing,
+    model passes, projection onto units, and the pruning and writing of the stage around it),
+    to show where time goes besides the model passes.
+    """
+
+    def __init__(self, teacher, teacher_tokenizer, student, student_tokenizer, config: ScoringConfig):
+        self.models = (prepare_for_scoring(teacher), prepare_for_scoring(student))
+        self.seconds: Counter[str] = Counter()
+        self.preparer = RecordPreparer(teacher_tokenizer, student_tokenizer, config, self.seconds)
+        self.config = config
+
+    def timing(self, phase: str):
+        return timed(self.seconds, phase)
+
+    @classmethod
+    def from_paths(cls, teacher: str | Path, student: str | Path, config: ScoringConfig) -> PairScorer:
+        t_model, t_tok = load_model(teacher, config.dtype, config.device, config.device_map)
+        s_model, s_tok = load_model(student, config.dtype, config.device)
+        return cls(t_model, t_tok, s_model, s_tok, config)
+
+    def prepare(self, record: Record, split: tuple[tuple[int, int], tuple[int, int]] | None = None) -> Prepared:
+        return self.preparer.prepare(record, split)
+
+    def prepare_all(self, records: Sequence[Record]) -> tuple[list[Prepared], list[RecordError]]:
+        return self.preparer.prepare_all(records)
+
     def model_scores(self, model_index: int, prepared: Sequence[Prepared]) -> list[np.ndarray]:
         """One model's raw scores per record: per context token for the gradient methods, per
         unit for occlusion. Batches hold similar lengths, so that padding stays small."""
@@ -232,17 +289,6 @@ class PairScorer:
         return torch.autocast(device.type, dtype=torch.bfloat16,
                               enabled=bf16_autocast_enabled(self.config.bf16_autocast, device))
 
-    def prepare_all(self, records: Sequence[Record]) -> tuple[list[Prepared], list[RecordError]]:
-        """Every record prepared; records that cannot be scored come back as errors."""
-        prepared, errors = [], []
-        with self.timing("render_and_tokenize"):
-            for record in records:
-                try:
-                    prepared.append(self.prepare(record))
-                except RecordError as exc:
-                    errors.append(exc)
-        return prepared, errors
-
     def score(self, records: Sequence[Record]) -> tuple[list[ScoredRecord], list[RecordError]]:
         """Score a batch of records; records that cannot be scored come back as errors."""
         prepared, errors = self.prepare_all(records)
@@ -261,21 +307,19 @@ class PairScorer:
                     out[batch, m] = values.double().cpu().numpy()
         return out
 
-    def score_prepared(self, prepared: Sequence[Prepared]) -> list[ScoredRecord]:
-        raw = []
+    def passes(self, prepared: Sequence[Prepared]) -> list[RawScores]:
+        """The model passes only: per record, the teacher's and the student's raw scores."""
         with self.timing("model_passes"):
+            per_model = []
             for m, model in enumerate(self.models):
                 with self.autocast(model):
-                    raw.append(self.model_scores(m, prepared))
-        scored = []
+                    per_model.append(self.model_scores(m, prepared))
+        return list(zip(*per_model)) if prepared else []
+
+    def score_prepared(self, prepared: Sequence[Prepared]) -> list[ScoredRecord]:
+        raw = self.passes(prepared)
         with self.timing("projection"):
-            for i, p in enumerate(prepared):
-                per_model = [raw[m][i] if self.config.method == "occlusion"  # already per unit
-                             else project_to_units(p.units, p.spans[m], raw[m][i], p.text) for m in range(2)]
-                scores = compare_unit_scores(p.text, p.units, per_model[0], per_model[1], self.config.units)
-                scored.append(ScoredRecord(p.record, scores, self.config.level, p.text_offset,
-                                           len(p.items[1].input_ids)))
-        return scored
+            return project(self.config, prepared, raw)
 
 
 def detect(scorer: PairScorer, pruning: PruningConfig, records: Sequence[Record]
@@ -325,6 +369,28 @@ def decide(scorer: PairScorer, pruning: PruningConfig, prepared: Sequence[Prepar
 
 
 @dataclass
+class Passed:
+    """A record after the model stage: prepared, with both models' raw scores, and its mask when
+    the rule needed the models to decide it (iterative pruning scores the cut texts again)."""
+
+    prepared: Prepared
+    raw: RawScores
+    mask: np.ndarray | None = None
+
+
+def model_stage(scorer: PairScorer, pruning: PruningConfig, prepared: Sequence[Prepared]) -> list[Passed]:
+    """The model passes of prepared records, and, for a rule that scores again, its decision
+    (which projects too; the CPU stage after projects once more, a small price for the rule)."""
+    raw = scorer.passes(prepared)
+    masks: list[np.ndarray | None] = [None] * len(prepared)
+    if pruning.threshold == "iterative":
+        with scorer.timing("projection"):
+            scored = project(scorer.config, prepared, raw)
+        masks = iterative_masks(scorer, prepared, scored, pruning)
+    return [Passed(p, r, m) for p, r, m in zip(prepared, raw, masks)]
+
+
+@dataclass
 class PrunedRecord:
     """A scored record's outputs: its scores row, its original row (as it trains, with its
     ``level``), its counterfactual rows (with provenance) and counts."""
@@ -337,24 +403,51 @@ class PrunedRecord:
     scored_units: int
 
 
+def prune(config: ScoringConfig, pruning: PruningConfig, passed: Sequence[Passed],
+          seconds: Counter[str] | None = None) -> list[PrunedRecord]:
+    """The CPU stage after the passes: project, decide (unless the model stage did) and cut the
+    counterfactuals, into each record's outputs."""
+    seconds = Counter() if seconds is None else seconds
+    with timed(seconds, "projection"):
+        scored = project(config, [p.prepared for p in passed], [p.raw for p in passed])
+    with timed(seconds, "pruning"):
+        decided = [(p.mask, math.nan) if p.mask is not None else confounder_mask(s.scores, pruning)
+                   for p, s in zip(passed, scored)]
+        return [PrunedRecord(s.to_row(mask, threshold), {**s.original.to_dict(), "level": s.level},
+                             counterfactuals(s.record, s.scores, pruning, level=s.level, text_offset=s.text_offset,
+                                             mask=mask, threshold=threshold),
+                             s.num_tokens, int(mask.sum()), int(s.scores.scored.sum()))
+                for s, (mask, threshold) in zip(scored, decided)]
+
+
 def score_and_prune(scorer: PairScorer, pruning: PruningConfig, records: Sequence[Record]
                     ) -> tuple[list[PrunedRecord], list[RecordError]]:
-    """The outputs of every record of a batch that scored, and the records that failed."""
-    scored, masks, thresholds, errors = detect(scorer, pruning, records)
-    with scorer.timing("pruning"):
-        pruned = [PrunedRecord(s.to_row(mask, threshold), {**s.original.to_dict(), "level": s.level},
-                               counterfactuals(s.record, s.scores, pruning, level=s.level, text_offset=s.text_offset,
-                                               mask=mask, threshold=threshold),
-                               s.num_tokens, int(mask.sum()), int(s.scores.scored.sum()))
-                  for s, mask, threshold in zip(scored, masks, thresholds)]
-    return pruned, errors
+    """The outputs of every record of a batch that scored, and the records that failed: the
+    three stages of the Ray job (prepare, model passes, prune) one after another."""
+    prepared, errors = scorer.prepare_all(records)
+    return prune(scorer.config, pruning, model_stage(scorer, pruning, prepared), scorer.seconds), errors
+
+
+def store_rows(keys: Sequence[str], scorer_name: str, pruned: Sequence[PrunedRecord],
+               errors: Sequence[tuple[str, dict]]) -> list[dict]:
+    """A :func:`~leaf_ray.detection.store.scored_row` per key: its outputs, or its error row
+    (``errors``: (key, error row)); a key with neither is written as handled, with no output."""
+    rows = {key: scored_row(key, scorer_name) for key in keys}
+    for key, error in errors:
+        rows[key] = scored_row(key, scorer_name, error=error)
+    for p in pruned:
+        key = p.score["id"]
+        rows[key] = scored_row(key, scorer_name, p.score, p.original, p.counterfactuals, tokens=p.tokens,
+                               masked_units=p.masked_units, scored_units=p.scored_units)
+    return list(rows.values())
 
 
 class ScoringBatchProcessor:
-    """The unit of work of stage 1: scores and prunes one batch of records into a row per key
-    (:meth:`score_rows`), which the store writes (:func:`~leaf_ray.detection.store.write_part`).
-    The Ray job's actors score and its sink writes parts of many batches; called directly, it
-    does both for its one batch.
+    """Stage 1 on one batch in one process: scores and prunes a batch of records into a row per
+    key (:meth:`score_rows`), which the store writes (:func:`~leaf_ray.detection.store.write_part`).
+    The Ray job runs the same three steps (prepare, :func:`model_stage`, :func:`prune`) as
+    separate stages and writes parts of many batches; called directly, this does all of it
+    for its one batch.
 
     ``keys`` name every row of the batch (a record id, or ``file:line`` for a row that did
     not parse); ``unreadable`` holds the rows that failed before scoring, with their keys.
@@ -370,14 +463,8 @@ class ScoringBatchProcessor:
     def score_rows(self, keys: Sequence[str], records: Sequence[Record],
                    unreadable: Sequence[tuple[str, RecordError]] = ()) -> list[dict]:
         pruned, failed = score_and_prune(self.scorer, self.pruning, records)
-        rows = {key: scored_row(key, self.name) for key in keys}
-        for key, error in [*unreadable, *((error_key(e), e) for e in failed)]:
-            rows[key] = scored_row(key, self.name, error=error_row(key, error))
-        for p in pruned:
-            key = p.score["id"]
-            rows[key] = scored_row(key, self.name, p.score, p.original, p.counterfactuals, tokens=p.tokens,
-                                   masked_units=p.masked_units, scored_units=p.scored_units)
-        return list(rows.values())
+        errors = [(key, error_row(key, e)) for key, e in [*unreadable, *((error_key(e), e) for e in failed)]]
+        return store_rows(keys, self.name, pruned, errors)
 
     def __call__(self, keys: Sequence[str], records: Sequence[Record],
                  unreadable: Sequence[tuple[str, RecordError]] = ()) -> dict[str, int]:

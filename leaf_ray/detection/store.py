@@ -85,7 +85,8 @@ def write_part(root: Path, rows: list[dict[str, Any]]) -> dict[str, Any]:
     write_batch(root, [row["key"] for row in rows], [json.loads(row["score"]) for row in rows if row["score"]],
                 [json.loads(row["original"]) for row in rows if row["original"]], cfs,
                 [json.loads(row["error"]) for row in rows if row["error"]], {**stats, "scored_by": scorers})
-    return stats
+    model_batches = sorted({row["model_batch"] for row in rows if row.get("model_batch")})  # the Ray job's timings
+    return {**stats, "model_batches": model_batches} if model_batches else stats
 
 
 def write_batch(root: Path, keys: list[str], scores: list[dict[str, Any]], originals: list[dict[str, Any]],
@@ -142,8 +143,10 @@ def error_key(error) -> str:
     return error.record_id if error.record_id is not None else f"{error.source}:{error.line}"
 
 
-def write_summary(root: Path, before: dict[str, float], wall_s: float, processed: int, skipped: int) -> dict[str, Any]:
-    """summary.json: totals over every run, and this run's share and throughput."""
+def write_summary(root: Path, before: dict[str, float], wall_s: float, processed: int, skipped: int,
+                  model_stage: dict[str, Any] | None = None) -> dict[str, Any]:
+    """summary.json: totals over every run, and this run's share, throughput and (for the Ray
+    job) how busy its model stage was."""
     after = totals(root)
     tokens = after.get("tokens", 0) - before.get("tokens", 0)
     summary = {
@@ -154,7 +157,8 @@ def write_summary(root: Path, before: dict[str, float], wall_s: float, processed
         "tokens": int(after.get("tokens", 0)),
         "masked_unit_fraction": after.get("masked_units", 0) / max(after.get("scored_units", 0), 1),
         "this_run": {"records": processed, "skipped_as_done": skipped, "wall_s": round(wall_s, 2),
-                     "tokens_per_s": round(tokens / wall_s, 1) if wall_s else 0.0},
+                     "tokens_per_s": round(tokens / wall_s, 1) if wall_s else 0.0,
+                     **({"model_stage": model_stage} if model_stage else {})},
     }
     write_text_atomically(root / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary

@@ -1,15 +1,20 @@
-"""Stage 1 at corpus scale: Ray Data spreads confounder scoring over an actor pool.
+"""Stage 1 at corpus scale: confounder scoring as a heterogeneous Ray Data pipeline.
 
-Each actor loads teacher and student once (:class:`ScoreActor`) and runs the core
-:class:`~leaf_ray.detection.scorer.ScoringBatchProcessor` on its batches, which turns each
-batch into a row per key. A sink (:class:`ScoreStoreDatasink`) gathers ``records_per_part``
-rows and writes them as one part of the run's ``score/`` store
+The core's three steps (:mod:`leaf_ray.detection.scorer`) run as three stages that Ray
+Data's streaming executor overlaps: CPU actors parse, render and tokenize
+(:class:`PrepareActor`); the model stage's actors hold teacher and student and run only the
+passes (:class:`ModelStageActor`, GPU actors on a cluster); CPU tasks project, prune and cut
+(:class:`PruneActor`) into a row per key. A sink (:class:`ScoreStoreDatasink`) gathers
+``records_per_part`` rows and writes them as one part of the run's ``score/`` store
 (:mod:`leaf_ray.detection.store`), so that a killed job resumes where it stopped.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import pickle
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -96,43 +101,97 @@ def pending_rows(row: dict[str, Any], finished: set[str], repeated: dict[str, tu
     return [] if row["key"] in finished else [row]
 
 
-class ScoreActor:
-    """Holds teacher and student; parses, scores and prunes one batch per call, into a row per key."""
+class PrepareActor:
+    """The CPU stage before the passes: holds the tokenizers; parses each row, renders and
+    tokenizes it for both models and cuts it into units (the prepared record travels pickled),
+    or gives the reason it cannot be scored."""
 
     def __init__(self, config: PipelineConfig):
-        import torch
+        from leaf_ray.detection.scorer import RecordPreparer
 
-        from leaf_ray.detection.scorer import PairScorer, ScoringBatchProcessor
-
-        try:
-            scorer = PairScorer.from_paths(config.teacher, config.student, config.scoring)
-        except (MemoryError, torch.OutOfMemoryError, RuntimeError, OSError) as exc:
-            raise RuntimeError(_load_failure(config, exc)) from exc
-        self.process = ScoringBatchProcessor(scorer, config.pruning)
+        self.preparer = RecordPreparer.from_paths(config.teacher, config.student, config.scoring)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        records, unreadable = [], []
+        from leaf_ray.detection.store import error_row
+
+        prepared, errors = [], []
         for key, source, line, payload, error in zip(batch["key"], batch["source"], batch["line"],
                                                      batch["payload"], batch["error"]):
             where = {"line": int(line), "source": str(source)}
             try:
                 if payload is None:
                     raise RecordError(str(error), **where)
-                records.append(parse_record(json.loads(payload), **where))
+                prepared.append(pickle.dumps(self.preparer.prepare(parse_record(json.loads(payload), **where))))
+                errors.append("")
             except RecordError as exc:
-                unreadable.append((str(key), exc))
-        rows = self.process.score_rows([str(k) for k in batch["key"]], records, unreadable)
+                prepared.append(b"")
+                errors.append(json.dumps(error_row(str(key), exc), ensure_ascii=False))
+        return {"key": [str(k) for k in batch["key"]], "prepared": prepared, "error": errors}
+
+
+class ModelStageActor:
+    """The model stage: holds teacher and student and runs only their passes (and a rule's
+    rescoring passes), so that a GPU here does not wait on rendering or pruning. Each row
+    carries its batch's timing (:func:`~leaf_ray.detection.store.scored_row`'s ``model_batch``)
+    for the stage's busy share."""
+
+    def __init__(self, config: PipelineConfig):
+        import torch
+
+        from leaf_ray.detection.scorer import PairScorer
+
+        try:
+            self.scorer = PairScorer.from_paths(config.teacher, config.student, config.scoring)
+        except (MemoryError, torch.OutOfMemoryError, RuntimeError, OSError) as exc:
+            raise RuntimeError(_load_failure(config, exc)) from exc
+        self.pruning = config.pruning
+        self.name = f"{socket.gethostname()}:{os.getpid()}"
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        from leaf_ray.detection.scorer import model_stage
+
+        started, passes_before = time.time(), self.scorer.seconds["model_passes"]
+        todo = [i for i, blob in enumerate(batch["prepared"]) if blob]
+        passed = [b""] * len(batch["key"])
+        for i, result in zip(todo, model_stage(self.scorer, self.pruning,
+                                               [pickle.loads(batch["prepared"][i]) for i in todo])):
+            passed[i] = pickle.dumps(result)
+        timing = json.dumps([self.name, started, time.time(), self.scorer.seconds["model_passes"] - passes_before])
+        return {"key": batch["key"], "passed": passed, "error": batch["error"], "model_batch": [timing] * len(passed)}
+
+
+class PruneActor:
+    """The CPU stage after the passes: projects, decides and cuts each record, into a store row
+    per key, grouped by the model batch that scored it. An actor pool rather than tasks: Ray
+    Data would fuse tasks into the sink's write, which waits for a whole part's rows."""
+
+    def __init__(self, config: PipelineConfig):
+        self.config = config
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        from leaf_ray.detection.scorer import prune, store_rows
+
+        rows = []
+        for model_batch in dict.fromkeys(batch["model_batch"]):
+            members = [i for i, value in enumerate(batch["model_batch"]) if value == model_batch]
+            passed = [pickle.loads(batch["passed"][i]) for i in members if batch["passed"][i]]
+            errors = [(str(batch["key"][i]), json.loads(batch["error"][i])) for i in members if batch["error"][i]]
+            pruned = prune(self.config.scoring, self.config.pruning, passed)
+            scorer = json.loads(model_batch)[0]
+            rows += [{**row, "model_batch": model_batch}
+                     for row in store_rows([str(batch["key"][i]) for i in members], scorer, pruned, errors)]
         return {column: [row[column] for row in rows] for column in rows[0]}
 
 
 class ScoreStoreDatasink(Datasink[dict]):
-    """Writes the scoring actors' rows into the store, ``records_per_part`` to a part (Ray Data
-    bundles the blocks of many batches into one write task)."""
+    """Writes the scoring rows into the store, ``records_per_part`` to a part (Ray Data bundles
+    the blocks of many batches into one write task), and gathers the model batches' timings."""
 
     def __init__(self, output: Path, records_per_part: int):
         self.output = output
         self.records_per_part = records_per_part
         self.written = 0
+        self.model_batches: set[str] = set()
 
     @property
     def min_rows_per_write(self) -> int:
@@ -144,6 +203,22 @@ class ScoreStoreDatasink(Datasink[dict]):
 
     def on_write_complete(self, write_result) -> None:
         self.written = sum(stats.get("read", 0) for stats in write_result.write_returns)
+        self.model_batches = {batch for stats in write_result.write_returns for batch in stats.get("model_batches", ())}
+
+
+def model_stage_share(model_batches: set[str]) -> dict[str, Any]:
+    """How busy the model stage was: the seconds its actors spent in model passes over their
+    wall time, each actor's from the start of its first batch to the end of its last (idle
+    gaps between batches count against it; loading the models and the first wait do not)."""
+    spans: dict[str, list[float]] = {}
+    passes = 0.0
+    for actor, start, end, pass_s in map(json.loads, model_batches):
+        first, last = spans.get(actor, (start, end))
+        spans[actor] = [min(first, start), max(last, end)]
+        passes += pass_s
+    wall = sum(last - first for first, last in spans.values())
+    return {"actors": len(spans), "batches": len(model_batches), "model_pass_s": round(passes, 2),
+            "wall_s": round(wall, 2), "busy_share": round(passes / wall, 3) if wall else None}
 
 
 def _load_failure(config: PipelineConfig, exc: BaseException) -> str:
@@ -188,7 +263,7 @@ def run_scoring(config: PipelineConfig, response_pass: bool = False) -> dict[str
     with folder_lock(output):  # a second run on this folder refuses instead of deleting our parts
         claim_folder(output, scoring_fingerprint(config))
         check_capacity(scoring.resources.bundle(), scoring.num_actors, "scoring.resources / scoring.num_actors",
-                       extra={"CPU": READ_STAGE_CPUS})
+                       extra={"CPU": READ_STAGE_CPUS + scoring.cpu_stage_cpus * 2 * scoring.cpu_actors})
         finished = done_keys(output)
         before = totals(output)
 
@@ -207,12 +282,22 @@ def run_scoring(config: PipelineConfig, response_pass: bool = False) -> dict[str
         pending.context.target_max_block_size = max(
             4096, sum(Path(f).stat().st_size for f in files) * scoring.batch_size // max(count, 1))
         sink = ScoreStoreDatasink(output, scoring.records_per_part)
+        # Three stages that Ray Data's streaming executor overlaps: the model stage only runs
+        # passes while CPU processes prepare the next batches and prune the last ones.
+        cpu_stage = {"fn_constructor_kwargs": {"config": config}, "batch_size": scoring.batch_size,
+                     "compute": ray.data.ActorPoolStrategy(size=scoring.cpu_actors),
+                     "num_cpus": scoring.cpu_stage_cpus}
         pending.map_batches(
-            ScoreActor,
+            PrepareActor, **cpu_stage,
+        ).map_batches(
+            ModelStageActor,
             fn_constructor_kwargs={"config": config},
             batch_size=scoring.batch_size,
-            compute=ray.data.ActorPoolStrategy(size=scoring.num_actors),
+            compute=ray.data.ActorPoolStrategy(size=scoring.num_actors, max_concurrent_calls_per_actor=2),
             num_cpus=scoring.resources.num_cpus,
             num_gpus=scoring.resources.num_gpus,
+        ).map_batches(
+            PruneActor, **cpu_stage,
         ).write_datasink(sink, ray_remote_args={"num_cpus": READ_STAGE_CPUS})
-        return write_summary(output, before, time.perf_counter() - started, sink.written, len(finished))
+        return write_summary(output, before, time.perf_counter() - started, sink.written, len(finished),
+                             model_stage_share(sink.model_batches))
