@@ -154,7 +154,8 @@ def ray_jobs() -> dict:
         summary = run_scoring(pipeline)
         result = {"scoring_job": {"records": summary.get("scored"), "tokens": summary.get("tokens"),
                                   "wall_s": round(time.perf_counter() - started, 1),
-                                  "includes": "actor start, model load, scoring, pruning, writing the store"}}
+                                  "includes": "actor start, model load, scoring, pruning, writing the store",
+                                  "model_stage": summary["this_run"].get("model_stage")}}
         save_partial(result)
         config = DistillationConfig(lam=0.5, batch_size=64, max_steps=60, checkpoint_every=30, eval_every=30,
                                     validation_max_records=64, use_gpu=True, bf16_autocast=True, resources=gpu)
