@@ -173,7 +173,7 @@ def test_a_request_the_cluster_can_never_hold_fails_at_once_naming_the_field(sco
     pipeline = PipelineConfig(run_dir=str(tmp_path), teacher=scored.teacher, student=scored.student,
                               scoring=ScoringConfig(corpus=str(EMBEDDED / "data" / "simple" / "distill.jsonl"),
                                                     resources=ResourcesConfig(num_cpus=4)))
-    with pytest.raises(ValueError, match=r"^scoring.resources / scoring.num_actors: 1 x \{CPU: 4\} plus \{CPU: 0.25\}"):
+    with pytest.raises(ValueError, match=r"^scoring.resources / scoring.num_actors: 1 x \{CPU: 4\} plus \{CPU: 0.75\}"):
         run_scoring(pipeline)
     assert not list((pipeline.layout.score / "_done").glob("*"))
 
