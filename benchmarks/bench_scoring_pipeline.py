@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -52,7 +53,9 @@ def main() -> None:
                      "model_pass_s": stage["model_pass_s"], "model_stage_wall_s": stage["wall_s"],
                      "busy_share": stage["busy_share"]})
     ray.shutdown()
+    build = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     result = {"benchmark": "scoring job: the model stage's busy share (model pass seconds / its wall time)",
+              "build": build,
               "records": args.records, "batch_size": 64, "dtype": "float32", "cluster": "local, 4 logical CPUs",
               "machine_cpus": os.cpu_count(), "cpu_stages": "1 prepare actor, 1 prune actor, 0.25 CPU each",
               "goal": "busy_share >= 0.9", "runs": runs,

@@ -3,7 +3,7 @@
 The core's three steps (:mod:`leaf_ray.detection.scorer`) run as three stages that Ray
 Data's streaming executor overlaps: CPU actors parse, render and tokenize
 (:class:`PrepareActor`); the model stage's actors hold teacher and student and run only the
-passes (:class:`ModelStageActor`, GPU actors on a cluster); CPU tasks project, prune and cut
+passes (:class:`ModelStageActor`, GPU actors on a cluster); CPU actors project, prune and cut
 (:class:`PruneActor`) into a row per key. A sink (:class:`ScoreStoreDatasink`) gathers
 ``records_per_part`` rows and writes them as one part of the run's ``score/`` store
 (:mod:`leaf_ray.detection.store`), so that a killed job resumes where it stopped.
@@ -28,7 +28,7 @@ from ray.data.datasource import Datasink
 from leaf_ray.config import ColumnMapping, PipelineConfig
 from leaf_ray.corpus import canonical_row, check_corpus
 from leaf_ray.data import RecordError, decode_rows, parse_record
-from leaf_ray.detection.store import done_keys, totals, write_part, write_summary
+from leaf_ray.detection.store import done_keys, error_row, totals, write_part, write_summary
 from leaf_ray.distributed.capacity import READ_STAGE_CPUS, check_capacity
 from leaf_ray.files import claim_folder, folder_lock
 from leaf_ray.models import model_fingerprint
@@ -112,8 +112,6 @@ class PrepareActor:
         self.preparer = RecordPreparer.from_paths(config.teacher, config.student, config.scoring)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        from leaf_ray.detection.store import error_row
-
         prepared, errors = [], []
         for key, source, line, payload, error in zip(batch["key"], batch["source"], batch["line"],
                                                      batch["payload"], batch["error"]):
@@ -132,8 +130,8 @@ class PrepareActor:
 class ModelStageActor:
     """The model stage: holds teacher and student and runs only their passes (and a rule's
     rescoring passes), so that a GPU here does not wait on rendering or pruning. Each row
-    carries its batch's timing (:func:`~leaf_ray.detection.store.scored_row`'s ``model_batch``)
-    for the stage's busy share."""
+    carries its batch's timing in ``model_batch`` (actor, start, end, pass seconds), which the
+    sink gathers for the stage's busy share (:func:`model_stage_share`)."""
 
     def __init__(self, config: PipelineConfig):
         import torch
