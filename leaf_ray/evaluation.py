@@ -145,6 +145,12 @@ def detection_prf(scored: Sequence[tuple[Sequence[tuple[int, int, str]], Sequenc
     Whitespace units are not counted. A unit is a true confounder when it lies inside a
     ground-truth span.
     """
+    return detection_report(detection_counts(scored, part, level))
+
+
+def detection_counts(scored: Sequence[tuple[Sequence[tuple[int, int, str]], Sequence[bool], dict[str, Any]]],
+                     part: str = "clause", level: str = "instruction") -> dict[str, int]:
+    """The unit counts :func:`detection_prf` is made of; counts of disjoint sets of records add up."""
     tp = fp = fn = flagged = 0
     for units, mask, meta in scored:
         truth = confounder_spans(meta, part, level)
@@ -156,10 +162,15 @@ def detection_prf(scored: Sequence[tuple[Sequence[tuple[int, int, str]], Sequenc
             fp += masked and not positive
             fn += (not masked) and positive
             flagged += bool(masked)
+    return {"tp": int(tp), "fp": int(fp), "fn": int(fn), "flagged": int(flagged), "records": len(scored)}
+
+
+def detection_report(counts: dict[str, int]) -> DetectionReport:
+    tp, fp, fn = counts["tp"], counts["fp"], counts["fn"]
     precision = tp / (tp + fp) if tp + fp else 0.0
     recall = tp / (tp + fn) if tp + fn else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return DetectionReport(precision, recall, f1, flagged / max(len(scored), 1))
+    return DetectionReport(precision, recall, f1, counts["flagged"] / max(counts["records"], 1))
 
 
 @dataclass
@@ -212,9 +223,35 @@ def detection_by_count(scored: Sequence[tuple[Sequence[tuple[int, int, str]], Se
 def grade_detection(score_rows: Sequence[dict[str, Any]], meta_by_id: dict[str, dict[str, Any]]
                     ) -> dict[str, dict[str, float]]:
     """Detection P/R/F1 of instruction-level scores rows against their records' ground truth."""
-    graded = [(list(zip(row["unit_start"], row["unit_end"], row["unit_text"])), row["masked"], meta_by_id[row["id"]])
-              for row in score_rows if row["id"] in meta_by_id and row.get("level", "instruction") == "instruction"]
+    graded = graded_rows(score_rows, meta_by_id)
     return {part: vars(detection_prf(graded, part)) for part in ("clause", "number")}
+
+
+def graded_rows(score_rows: Sequence[dict[str, Any]], meta_by_id: dict[str, dict[str, Any]]) -> list[tuple]:
+    return [(list(zip(row["unit_start"], row["unit_end"], row["unit_text"])), row["masked"], meta_by_id[row["id"]])
+            for row in score_rows if row["id"] in meta_by_id and row.get("level", "instruction") == "instruction"]
+
+
+def grade_store_part(store: Path, part: str) -> dict[str, Any]:
+    """The detection counts of one score-store part: its rows, how many of its records have a
+    ground truth, and the unit counts per kind of span. Parts' counts add up
+    (:func:`sum_detection_counts`), so a store is graded one part at a time."""
+    from leaf_ray.detection.store import read_store_part
+
+    rows, originals = read_store_part(store, part)
+    meta = {record.id: record.meta for record in map(Record.from_dict, originals)}
+    graded = graded_rows(rows, meta)
+    return {"records": len(rows), "with_truth": sum(bool(confounder_spans(m)) for m in meta.values()),
+            **{kind: detection_counts(graded, kind) for kind in ("clause", "number")}}
+
+
+def sum_detection_counts(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """A store's grade from its parts' :func:`grade_store_part` counts."""
+    def total(kind: str) -> dict[str, int]:
+        return {key: sum(p[kind][key] for p in parts) for key in ("tp", "fp", "fn", "flagged", "records")}
+
+    return {"records": sum(p["records"] for p in parts), "with_truth": sum(p["with_truth"] for p in parts),
+            **{kind: vars(detection_report(total(kind))) for kind in ("clause", "number")}}
 
 
 @torch.no_grad()

@@ -8,6 +8,7 @@ import shutil
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import ray
 import torch
@@ -65,6 +66,44 @@ def test_a_one_file_corpus_is_spread_over_every_scoring_actor(scored):
     assert len(markers) == 1 and markers[0]["scored"] == 160  # records_per_part (10,000) gathers every batch
     scorers = Counter(markers[0]["scored_by"])
     assert len(scorers) == 2 and min(scorers.values()) >= 32, scorers  # two batches of 16 at least each
+
+
+def test_controls_and_the_detection_grade_go_part_by_part_as_the_whole_store_would(scored, tmp_path):
+    """Ray Data tasks cut the random and oracle controls, and grade detection, one store part at a
+    time. The same records, parted two different ways, give the same control sets, and both are
+    what the whole store gives in one process."""
+    from leaf_ray.config import PruningConfig
+    from leaf_ray.detection.scorer import ScoredRecord
+    from leaf_ray.detection.store import read_originals, read_scores, store_parts, write_batch
+    from leaf_ray.distillation.variants import variant_pairs
+    from leaf_ray.distributed.store_passes import grade_store, write_control_set
+    from leaf_ray.evaluation import confounder_spans, grade_detection
+
+    rows = sorted(read_scores(Path(scored.data_dir)), key=lambda row: row["id"])
+    originals = {r.id: r for r in read_originals(Path(scored.data_dir))}
+    stores = {"in_order": [rows[i:i + 40] for i in range(0, len(rows), 40)],  # 4 parts
+              "interleaved": [rows[i::3] for i in range(3)]}  # 3 parts, other neighbours
+    for name, parts in stores.items():
+        for part in parts:
+            write_batch(tmp_path / name, [r["id"] for r in part], part,
+                        [{**originals[r["id"]].to_dict(), "level": "instruction"} for r in part], [], [], {})
+        assert len(store_parts(tmp_path / name)) == len(parts)
+
+    pruning, seed = PruningConfig(), 3
+    whole = [ScoredRecord.from_row(row, originals[row["id"]]) for row in rows]
+    detected = [np.array(row["masked"], dtype=bool) for row in rows]
+    for variant in ("random", "oracle"):
+        expected = variant_pairs(variant, whole, pruning, seed, detected)
+        assert sum(len(p.counterfactuals) for p in expected) > 0, variant
+        for name, parts in stores.items():
+            folder = tmp_path / f"{name}-{variant}"
+            summary = write_control_set(tmp_path / name, folder, variant, pruning, seed)
+            assert (summary["pairs"], summary["parts"]) == (len(rows), len(parts))
+            assert read_training_set(folder) == expected, (variant, name)
+
+    graded = grade_store(tmp_path / "interleaved")
+    assert graded.pop("with_truth") == sum(bool(confounder_spans(r.meta)) for r in originals.values()) > 0
+    assert graded == {"records": len(rows), **grade_detection(rows, {i: r.meta for i, r in originals.items()})}
 
 
 def test_two_workers_lower_the_loss_and_export_a_loadable_model(scored, reference):

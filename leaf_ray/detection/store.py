@@ -164,8 +164,19 @@ def write_summary(root: Path, before: dict[str, float], wall_s: float, processed
     return summary
 
 
+def store_parts(root: Path) -> list[str]:
+    """The names (``part-<name>``) of a score store's parts, sorted. A part's scores and its
+    records' originals share the name, so a part joins on its own."""
+    return sorted(path.stem for path in (root / "scores").glob("part-*.parquet"))
+
+
+def read_store_part(root: Path, part: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """One part's scores rows and its records' originals (corpus schema)."""
+    return pq.read_table(root / "scores" / f"{part}.parquet").to_pylist(), _read_jsonl(root / "originals" / f"{part}.jsonl")
+
+
 def read_scores(root: Path) -> list[dict[str, Any]]:
-    return [row for path in sorted((root / "scores").glob("part-*.parquet")) for row in pq.read_table(path).to_pylist()]
+    return [row for part in store_parts(root) for row in read_store_part(root, part)[0]]
 
 
 PAIRS_PER_PART = 10_000  # a training set's parts: few files, each small enough to join in memory
@@ -176,19 +187,29 @@ def write_training_set(folder: Path, pairs: Iterable[TrainingPair], summary: dic
     of :data:`PAIRS_PER_PART` pairs, read as they come. Counterfactuals sit in the part of their
     original and point back to it by ``source_id`` and ``level`` (a record may have a pair at
     each level). Parts of an earlier set in ``folder`` are removed first."""
-    for stale in [*(folder / "originals").glob("part-*"), *(folder / "counterfactuals").glob("part-*")]:
-        stale.unlink()
+    clear_training_set(folder)
     remaining = iter(pairs)
     for index in count():
         chunk = list(islice(remaining, PAIRS_PER_PART))
         if index and not chunk:  # an empty set still gets its (empty) first part
             break
-        name = f"part-{index:05d}.jsonl"
-        write_atomically(folder / "originals" / name, _write_jsonl([{**p.original.to_dict(), "level": p.level}
-                                                                    for p in chunk]))
-        write_atomically(folder / "counterfactuals" / name, _write_jsonl(
-            [{**c.to_dict(), "source_id": p.original.id, "level": p.level} for p in chunk for c in p.counterfactuals]))
+        write_training_part(folder, f"part-{index:05d}", chunk)
     write_text_atomically(folder / "summary.json", json.dumps(summary, indent=2) + "\n")
+
+
+def clear_training_set(folder: Path) -> None:
+    """Remove a training set's summary and parts (an earlier or a killed write's) before writing it anew."""
+    (folder / "summary.json").unlink(missing_ok=True)
+    for stale in [*(folder / "originals").glob("part-*"), *(folder / "counterfactuals").glob("part-*")]:
+        stale.unlink()
+
+
+def write_training_part(folder: Path, part: str, pairs: list[TrainingPair]) -> None:
+    """One part of a training set: the pairs' originals, and their counterfactuals beside them."""
+    write_atomically(folder / "originals" / f"{part}.jsonl", _write_jsonl([{**p.original.to_dict(), "level": p.level}
+                                                                           for p in pairs]))
+    write_atomically(folder / "counterfactuals" / f"{part}.jsonl", _write_jsonl(
+        [{**c.to_dict(), "source_id": p.original.id, "level": p.level} for p in pairs for c in p.counterfactuals]))
 
 
 def is_training_set(folder: Path) -> bool:

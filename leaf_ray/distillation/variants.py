@@ -24,16 +24,19 @@ changed; :func:`variant_pairs` builds a variant's training pairs from scored rec
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
 
 from leaf_ray.config import DistillationConfig, PruningConfig
-from leaf_ray.data import TrainingPair
+from leaf_ray.data import Record, TrainingPair
 from leaf_ray.detection.pruning import counterfactuals, cut, find_spans, mask_of_spans, random_mask_like
 from leaf_ray.detection.scorer import ScoredRecord
+from leaf_ray.detection.store import read_store_part, write_training_part
 from leaf_ray.evaluation import confounder_spans
 
 
@@ -87,18 +90,41 @@ def variant_masks(variant: str, scored: Sequence[ScoredRecord], detected: Sequen
     """Per scored record, the units ``variant`` cuts: the detector's (``detected``), as many at
     random places, or the ground truth's."""
     spans = VARIANTS[variant].spans
-    rng = np.random.default_rng(seed)
     masks = []
     for s, mask in zip(scored, detected):
         if spans == "none":
             mask = np.zeros(len(s.scores.units), dtype=bool)
         elif spans == "random":
-            mask = random_mask_like(s.scores, mask, rng)
+            mask = random_mask_like(s.scores, mask, record_rng(seed, s.record.id))
         elif spans == "oracle":
             truth = confounder_spans(s.record.meta, level=s.level)  # in the instruction / the response
             mask = mask_of_spans(s.scores, [(a - s.text_offset, b - s.text_offset) for a, b in truth])
         masks.append(mask)
     return masks
+
+
+def record_rng(seed: int, record_id: str) -> np.random.Generator:
+    """A record's own random stream, so that its control spans do not depend on which records
+    were drawn before it: a set built part by part, on any number of workers, is the same."""
+    return np.random.default_rng([seed, zlib.crc32(record_id.encode())])
+
+
+def scored_part(store: Path, part: str, level: str = "instruction") -> tuple[list[ScoredRecord], list[np.ndarray]]:
+    """One score-store part's records at ``level``, by id, with the detector's masks."""
+    rows, originals = read_store_part(store, part)
+    records = {row["id"]: Record.from_dict(row) for row in originals}
+    rows = sorted((row for row in rows if row["level"] == level), key=lambda row: row["id"])
+    return ([ScoredRecord.from_row(row, records[row["id"]]) for row in rows],
+            [np.array(row["masked"], dtype=bool) for row in rows])
+
+
+def write_variant_part(store: Path, part: str, folder: Path, variant: str, pruning: PruningConfig, seed: int) -> int:
+    """Cut ``variant``'s pairs from one score-store part and write them as the training-set part
+    of the same name; return how many pairs it holds."""
+    scored, detected = scored_part(store, part)
+    pairs = variant_pairs(variant, scored, pruning, seed, detected)
+    write_training_part(folder, part, pairs)
+    return len(pairs)
 
 
 def variant_pairs(variant: str, scored: Sequence[ScoredRecord], pruning: PruningConfig, seed: int,

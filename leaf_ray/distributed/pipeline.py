@@ -27,12 +27,18 @@ from leaf_ray.data import iter_records
 from leaf_ray.detection.scorer import ScoredRecord
 from leaf_ray.detection.store import (
     is_training_set,
-    read_originals,
-    read_scores,
+    read_store_part,
     read_training_set,
+    store_parts,
     write_training_set,
 )
-from leaf_ray.distillation.variants import VARIANTS, instruction_cuts, variant_pairs, with_instruction_cuts
+from leaf_ray.distillation.variants import (
+    VARIANTS,
+    instruction_cuts,
+    scored_part,
+    variant_pairs,
+    with_instruction_cuts,
+)
 from leaf_ray.files import write_text_atomically
 
 
@@ -136,20 +142,20 @@ class StageClock:
 
 def scored_records(config: PipelineConfig, level: str = "instruction") -> tuple[list[ScoredRecord], list[np.ndarray]]:
     """The run's scores at ``level``, each with its original record and the detector's mask, by
-    id: the random control draws its spans in this order, which must not depend on how the
-    scoring job happened to batch the corpus."""
+    id, whatever the parts: for the response-level variants, which join each record's
+    instruction cuts to its response-level pair in the driver."""
     store = config.layout.score if level == "instruction" else config.layout.score_response
-    records = {r.id: r for r in read_originals(store)}
-    rows = sorted((row for row in read_scores(store) if row["level"] == level), key=lambda row: row["id"])
-    return ([ScoredRecord.from_row(row, records[row["id"]]) for row in rows],
-            [np.array(row["masked"], dtype=bool) for row in rows])
+    by_part = [scored_part(store, part, level) for part in store_parts(store)]
+    joined = sorted(((s, mask) for scored, masks in by_part for s, mask in zip(scored, masks)),
+                    key=lambda pair: pair[0].record.id)
+    return [s for s, _ in joined], [mask for _, mask in joined]
 
 
 def training_set(config: PipelineConfig, variant: str) -> Path:
     """The training set a variant trains on: the scoring (or verification) output for KD and
-    LeaF; for the controls, counterfactuals cut from other spans; for the ``*_instr_resp``
-    variants, those pairs and the response-level pass's, whose counterfactuals also lose the
-    instruction's cuts. Sets of several sources are written once."""
+    LeaF; for the controls, counterfactuals cut from other spans, part by part on Ray Data; for
+    the ``*_instr_resp`` variants, those pairs and the response-level pass's, whose
+    counterfactuals also lose the instruction's cuts. Sets of several sources are written once."""
     layout = config.layout
     rules = VARIANTS[variant]
     instruction = layout.verify if config.verification else layout.score
@@ -159,23 +165,27 @@ def training_set(config: PipelineConfig, variant: str) -> Path:
     if is_training_set(folder):
         return folder
     seed, pruning = config.distillation.seed, config.pruning
+    if not rules.response_level:
+        from leaf_ray.distributed.store_passes import write_control_set
+
+        write_control_set(layout.score, folder, variant, pruning, seed)
+        return folder
     scored, detected = scored_records(config)
     if rules.spans == "detected":  # the scoring job's (or verification's) own pairs
         pairs = read_training_set(instruction)
     else:
         pairs = variant_pairs(variant, scored, pruning, seed, detected)
-    if rules.response_level:
-        cuts = instruction_cuts(variant, scored, pruning, seed, detected)
-        if rules.spans == "detected":
-            response = read_training_set(layout.verify_response if config.verification else layout.score_response)
-        else:
-            response_scored, response_detected = scored_records(config, "response")
-            response = variant_pairs(variant, response_scored, pruning, seed, response_detected)
-        if not response:
-            raise ValueError(f"{variant}: the response-level pass kept no record (see "
-                             f"{layout.score_response}/errors: a single-step response has no reasoning "
-                             "prefix to prune); use a corpus with multi-step responses or drop the variant")
-        pairs += [with_instruction_cuts(pair, cuts) for pair in response]
+    cuts = instruction_cuts(variant, scored, pruning, seed, detected)
+    if rules.spans == "detected":
+        response = read_training_set(layout.verify_response if config.verification else layout.score_response)
+    else:
+        response_scored, response_detected = scored_records(config, "response")
+        response = variant_pairs(variant, response_scored, pruning, seed, response_detected)
+    if not response:
+        raise ValueError(f"{variant}: the response-level pass kept no record (see "
+                         f"{layout.score_response}/errors: a single-step response has no reasoning "
+                         "prefix to prune); use a corpus with multi-step responses or drop the variant")
+    pairs += [with_instruction_cuts(pair, cuts) for pair in response]
     write_training_set(folder, pairs, {"variant": variant, "pairs": len(pairs),
                                        "response_level_pairs": sum(p.level == "response" for p in pairs)})
     return folder
@@ -183,7 +193,8 @@ def training_set(config: PipelineConfig, variant: str) -> Path:
 
 def evaluate(config: PipelineConfig, variants: list[str]) -> dict[str, Any]:
     """Accuracy of every model on every test file; detection, attention, report samples."""
-    from leaf_ray.evaluation import attention_mass, confounder_spans, evaluate_models, grade_detection, paired_difference
+    from leaf_ray.distributed.store_passes import grade_store
+    from leaf_ray.evaluation import attention_mass, confounder_spans, evaluate_models, paired_difference
     from leaf_ray.models import load_model
 
     evaluation = config.evaluation
@@ -202,10 +213,9 @@ def evaluate(config: PipelineConfig, variants: list[str]) -> dict[str, Any]:
     result["question"] = contrast_question(first, {name: by_file[Path(evaluation.data[0]).stem]
                                                    for name, by_file in answers.items()})
 
-    records = {r.id: r for r in read_originals(config.layout.score)}
-    rows = read_scores(config.layout.score)
-    if any(confounder_spans(r.meta) for r in records.values()):
-        result["detection"] = {"records": len(rows), **grade_detection(rows, {i: r.meta for i, r in records.items()})}
+    graded = grade_store(config.layout.score)  # part by part on Ray Data: the store may hold millions
+    if graded.pop("with_truth"):
+        result["detection"] = graded
         pruning = config.pruning
         result["detection"]["threshold"] = {
             "quantile": f"quantile {pruning.quantile} (cap {pruning.quantile_cap})",
@@ -215,9 +225,25 @@ def evaluate(config: PipelineConfig, variants: list[str]) -> dict[str, Any]:
     if evaluation.attention and any(confounder_spans(r.meta) for r in first):
         result["attention"] = {name: attention_mass(model, tokenizer, first)
                                for name, (model, tokenizer) in models.items() if name != "teacher"}
-    result["samples"] = [{**row, "true_spans": [list(s) for s in confounder_spans(records[row["id"]].meta)]}
-                         for row in rows if row["level"] == "instruction"][: evaluation.samples]
+    result["samples"] = store_samples(config.layout.score, evaluation.samples)
     return result
+
+
+def store_samples(store: Path, count: int) -> list[dict[str, Any]]:
+    """The first ``count`` instruction-level scores rows of ``store`` (parts in name order), each
+    with its record's ground-truth spans: only the parts that hold them are read."""
+    from leaf_ray.data import Record
+    from leaf_ray.evaluation import confounder_spans
+
+    samples: list[dict[str, Any]] = []
+    for part in store_parts(store):
+        if len(samples) >= count:
+            break
+        rows, originals = read_store_part(store, part)
+        meta = {record.id: record.meta for record in map(Record.from_dict, originals)}
+        samples += [{**row, "true_spans": [list(s) for s in confounder_spans(meta[row["id"]])]}
+                    for row in rows if row["level"] == "instruction"]
+    return samples[:count]
 
 
 def contrast_question(records: list, answers: dict[str, Any], shown: str = "leaf", against: str = "kd") -> dict[str, Any]:
