@@ -21,7 +21,17 @@ Ray Train workers, once from the embedded teacher (`online`) and once from the c
 - `first_step_s`: from the call to the first line of the run's metrics log;
 - `training_set_files` / `training_set_mb`: what the writer produced.
 
+Then the passes over a score store that the evaluation and the controls make
+(`leaf_ray.distributed.store_passes`): at each size a score store is written directly in the
+store format, in parts of 10,000 records (the scoring job's `records_per_part`), with the
+embedded records under numbered ids and synthetic scores (a perfect detector: the distractor
+clauses' units masked; what is measured is the data's size, not the detector). A fresh driver
+on a fresh local cluster builds the random control's training set from it and grades its
+detection, and records its own VmHWM, the largest VmHWM of a Ray task worker
+(`task_worker_peak_rss_mb`), the object store's peak, each pass's wall time and the files.
+
 Each size's measurement is one child process (`--one SIZE`), so nothing carries over.
+`--stages distill,store` picks what runs; a run of one stage keeps the other's figures.
 Writes benchmarks/results/scale.json with each size and the ratios to the smallest.
 """
 
@@ -40,6 +50,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 EMBEDDED = ROOT / "assets" / "embedded"
 GOALS = {"driver_peak_rss_mb": 1.5, "worker_peak_rss_mb": 1.5, "first_step_s": 3.0}
+STORE_GOALS = {"driver_peak_rss_mb": 1.5, "task_worker_peak_rss_mb": 1.5}
 
 
 def templates() -> list:
@@ -125,16 +136,88 @@ def write_teacher_cache(folder: Path, base: list, size: int, k: int = 32, part_r
     (cache / "summary.json").write_text(json.dumps({"records": 2 * size}) + "\n")
 
 
+STORE_PART_RECORDS = 10_000  # the scoring job's default records_per_part
+
+
+def template_score_rows() -> list[tuple[dict, dict]]:
+    """Per embedded record, its original (corpus schema) and a scores row of a perfect detector:
+    the units of its correlated distractor clauses masked."""
+    from leaf_ray.detection.units import split_units
+    from leaf_ray.evaluation import confounder_spans
+
+    rows = []
+    for line in (EMBEDDED / "data" / "simple" / "distill.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        units = split_units(record["instruction"])
+        truth = confounder_spans(record["meta"])
+        masked = [u.is_maskable and any(a <= u.start and u.end <= b for a, b in truth) for u in units]
+        diff = [1.0 if m else 0.0 for m in masked]
+        rows.append((record, {"level": "instruction", "text_offset": 0, "unit_kind": "text",
+                              "unit_text": [u.text for u in units], "unit_start": [u.start for u in units],
+                              "unit_end": [u.end for u in units], "teacher": [0.0] * len(units), "student": diff,
+                              "diff": diff, "masked": masked, "threshold": 0.5}))
+    return rows
+
+
+def build_store(folder: Path, size: int) -> dict:
+    """A score store of ``size`` records (see the module docstring), unless already there."""
+    from leaf_ray.detection.store import write_batch
+
+    if not (folder / "_done").exists():
+        started = time.perf_counter()
+        templates = template_score_rows()
+        for lo in range(0, size, STORE_PART_RECORDS):
+            ids = [f"scale-{index:08d}" for index in range(lo, min(size, lo + STORE_PART_RECORDS))]
+            chosen = [templates[index % len(templates)] for index in range(lo, lo + len(ids))]
+            write_batch(folder, ids, [{**row, "id": i} for i, (_, row) in zip(ids, chosen)],
+                        [{**record, "id": i} for i, (record, _) in zip(ids, chosen)], [], [], {"read": len(ids)})
+        print(f"[bench_scale] wrote a score store of {size} records in {time.perf_counter() - started:.1f} s",
+              flush=True)
+    files = [path for path in folder.rglob("*") if path.is_file()]
+    return {"store_files": len(files), "store_mb": round(sum(p.stat().st_size for p in files) / 2**20, 1)}
+
+
+def measure_store_passes(size: int, work: Path) -> dict:
+    """The random control's set and the detection grade of one size's store, in this (fresh)
+    process: the driver of both passes on its own local cluster."""
+    import ray
+
+    from leaf_ray.config import PruningConfig
+    from leaf_ray.distributed.store_passes import grade_store, write_control_set
+
+    store, control = work / f"store-{size}", work / f"control-{size}"
+    ray.init(num_cpus=4, include_dashboard=False, object_store_memory=2 * 2**30)
+    poller = Poller(b"ray::")
+    poller.start()
+    started = time.perf_counter()
+    summary = write_control_set(store, control, "random", PruningConfig(), seed=0)
+    control_s = time.perf_counter() - started
+    started = time.perf_counter()
+    graded = grade_store(store)
+    grade_s = time.perf_counter() - started
+    poller.done.set()
+    poller.join()
+    ray.shutdown()
+    assert summary["pairs"] == graded["records"] == size, (summary, graded["records"])
+    return {"records": size, "driver_peak_rss_mb": round(vm_hwm_mb("self"), 1),
+            "task_worker_peak_rss_mb": round(max(poller.workers.values(), default=0.0), 1),
+            "object_store_peak_mb": round(poller.store_peak / 2**20, 1),
+            "control_s": round(control_s, 2), "grade_s": round(grade_s, 2),
+            "control_files": sum(1 for path in control.rglob("*") if path.is_file()),
+            "clause_f1": round(graded["clause"]["f1"], 3)}
+
+
 def vm_hwm_mb(pid: int | str) -> float:
     match = re.search(r"VmHWM:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text())
     return int(match.group(1)) / 1024
 
 
-def train_worker_pids() -> list[str]:
+def worker_pids(title: bytes) -> list[str]:
+    """The processes whose title starts with ``title`` (Ray titles its workers ``ray::<what runs>``)."""
     pids = []
     for entry in Path("/proc").iterdir():
         try:
-            if entry.name.isdigit() and (entry / "cmdline").read_bytes().startswith(b"ray::RayTrainWorker"):
+            if entry.name.isdigit() and (entry / "cmdline").read_bytes().startswith(title):
                 pids.append(entry.name)
         except OSError:  # gone meanwhile
             continue
@@ -142,10 +225,11 @@ def train_worker_pids() -> list[str]:
 
 
 class Poller(threading.Thread):
-    """Keeps the peak VmHWM of every Ray Train worker and the peak object store use."""
+    """Keeps the peak VmHWM of every worker titled ``title`` and the peak object store use."""
 
-    def __init__(self) -> None:
+    def __init__(self, title: bytes = b"ray::RayTrainWorker") -> None:
         super().__init__(daemon=True)
+        self.title = title
         self.workers: dict[str, float] = {}
         self.store_peak = 0
         self.done = threading.Event()
@@ -156,7 +240,7 @@ class Poller(threading.Thread):
 
         state = get_state_from_address(ray.get_runtime_context().gcs_address)
         while not self.done.wait(0.5):
-            for pid in train_worker_pids():
+            for pid in worker_pids(self.title):
                 try:
                     self.workers[pid] = max(self.workers.get(pid, 0.0), vm_hwm_mb(pid))
                 except (OSError, AttributeError):
@@ -208,12 +292,42 @@ def measure_one(size: int, teacher: str, work: Path, steps: int) -> dict:
             "first_step_s": round(first_step[0], 2) if first_step else None, "wall_s": round(wall, 2)}
 
 
+def run_child(*args: str) -> dict:
+    """One measurement in a fresh driver process (on its own fresh local cluster); its JSON."""
+    child = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True,
+                           env={**os.environ, "RAY_ADDRESS": "local"})
+    lines = [line for line in child.stdout.splitlines() if line.startswith("RESULT ")]
+    if child.returncode or not lines:
+        sys.exit(f"{' '.join(args)} failed:\n{child.stdout[-3000:]}\n{child.stderr[-3000:]}")
+    return json.loads(lines[-1].removeprefix("RESULT "))
+
+
+def ratios(results: list[dict], goals: dict[str, float], group: str | None = None) -> tuple[dict, dict]:
+    """Each size's figures over the smallest size's (of the same ``group``), and whether the
+    largest size meets ``goals``."""
+    def ratio(row: dict, key: str) -> float:
+        base = next(r for r in results if group is None or r[group] == row[group])  # the smallest size's run
+        value, reference = row[key], base[key]
+        if isinstance(value, list):  # workers: the largest of each run
+            value, reference = max(value), max(reference)
+        return round(value / reference, 3)
+
+    size = "pairs" if "pairs" in results[0] else "records"
+    label = (lambda row: f"{row[size]} {row[group]}") if group else (lambda row: str(row[size]))
+    largest = [row for row in results if row[size] == results[-1][size]]
+    return ({label(row): {key: ratio(row, key) for key in goals} for row in results if row[size] != results[0][size]},
+            {f"{key}{' ' + row[group] if group else ''}": ratio(row, key) <= limit
+             for key, limit in goals.items() for row in largest})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", default="10000,100000,1000000")
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--stages", default="distill,store", help="distill, store or both")
     parser.add_argument("--work-dir", default="/tmp/leaf-ray-bench-scale")
-    parser.add_argument("--one", type=int, help="measure this size in this process and print its JSON")
+    parser.add_argument("--one", type=int, help="measure this size's distillation in this process; print its JSON")
+    parser.add_argument("--one-store", type=int, help="measure this size's store passes in this process")
     parser.add_argument("--teacher", choices=["online", "cache"], default="online", help="with --one")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "scale.json"))
     args = parser.parse_args()
@@ -221,43 +335,54 @@ def main() -> None:
     if args.one is not None:
         print("RESULT " + json.dumps(measure_one(args.one, args.teacher, work, args.steps)), flush=True)
         return
+    if args.one_store is not None:
+        print("RESULT " + json.dumps(measure_store_passes(args.one_store, work)), flush=True)
+        return
 
-    results = []
-    for size in [int(s) for s in args.sizes.split(",")]:
-        written = build(work / f"set-{size}", size)
-        for teacher in ("online", "cache"):
-            subprocess.run(["rm", "-rf", str(work / f"run-{size}-{teacher}")], check=True)
-            child = subprocess.run([sys.executable, __file__, "--one", str(size), "--teacher", teacher,
-                                    "--steps", str(args.steps), "--work-dir", str(work)], capture_output=True,
-                                   text=True, env={**os.environ, "RAY_ADDRESS": "local"})
-            lines = [line for line in child.stdout.splitlines() if line.startswith("RESULT ")]
-            if child.returncode or not lines:
-                sys.exit(f"size {size}, {teacher} failed:\n{child.stdout[-3000:]}\n{child.stderr[-3000:]}")
-            results.append({**json.loads(lines[-1].removeprefix("RESULT ")), **written})
+    sizes, stages = [int(s) for s in args.sizes.split(",")], args.stages.split(",")
+    out = Path(args.out)
+    report = json.loads(out.read_text()) if out.exists() else {}
+    if "distill" in stages:
+        results = []
+        for size in sizes:
+            written = build(work / f"set-{size}", size)
+            for teacher in ("online", "cache"):
+                subprocess.run(["rm", "-rf", str(work / f"run-{size}-{teacher}")], check=True)
+                results.append({**run_child("--one", str(size), "--teacher", teacher, "--steps", str(args.steps),
+                                            "--work-dir", str(work)), **written})
+                print(f"[bench_scale] {results[-1]}", flush=True)
+        by_size, met = ratios(results, GOALS, group="teacher")
+        report.update({
+            "benchmark": "distillation driver and worker memory, object store and time to the first step, by data size",
+            "setup": {"workers": 2, "steps": args.steps, "batch_size": 16, "teacher": "online (embedded teacher) "
+                      "and cache (top-32)", "student": "embedded student", "cluster": "local, 4 CPUs",
+                      "machine_cpus": os.cpu_count()},
+            "sizes": results, "ratios_to_smallest": by_size,
+            "goals": {f"{key} at the largest size / at the smallest": f"<= {limit}" for key, limit in GOALS.items()},
+            "goals_met": met})
+    if "store" in stages:
+        results = []
+        for size in sizes:
+            written = build_store(work / f"store-{size}", size)
+            subprocess.run(["rm", "-rf", str(work / f"control-{size}")], check=True)
+            results.append({**run_child("--one-store", str(size), "--work-dir", str(work)), **written})
             print(f"[bench_scale] {results[-1]}", flush=True)
-
-    def ratio(row: dict, key: str) -> float:
-        base = next(r for r in results if r["teacher"] == row["teacher"])  # the smallest size's run
-        value, reference = row[key], base[key]
-        if isinstance(value, list):  # workers: the largest of each run
-            value, reference = max(value), max(reference)
-        return round(value / reference, 3)
-
-    largest = [row for row in results if row["pairs"] == results[-1]["pairs"]]
-    report = {
-        "benchmark": "distillation driver and worker memory, object store and time to the first step, by data size",
-        "setup": {"workers": 2, "steps": args.steps, "batch_size": 16, "teacher": "online (embedded teacher) and "
-                  "cache (top-32)", "student": "embedded student", "cluster": "local, 4 CPUs",
-                  "machine_cpus": os.cpu_count()},
-        "sizes": results,
-        "ratios_to_smallest": {f"{row['pairs']} {row['teacher']}": {key: ratio(row, key) for key in GOALS}
-                               for row in results if row["pairs"] != results[0]["pairs"]},
-        "goals": {f"{key} at the largest size / at the smallest": f"<= {limit}" for key, limit in GOALS.items()},
-        "goals_met": {f"{key} {row['teacher']}": ratio(row, key) <= limit
-                      for key, limit in GOALS.items() for row in largest},
-    }
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report["ratios_to_smallest"], indent=2))
+        by_size, met = ratios(results, STORE_GOALS)
+        report["store_passes"] = {
+            "benchmark": "the random control's training set and the detection grade, cut and counted part by part "
+                         "on Ray Data from a score store, by its size",
+            "build": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                    text=True).stdout.strip(),
+            "setup": {"records_per_part": STORE_PART_RECORDS, "scores": "synthetic, a perfect detector",
+                      "cluster": "local, 4 CPUs", "machine_cpus": os.cpu_count()},
+            "sizes": results, "ratios_to_smallest": by_size,
+            "goals": {f"{key} at the largest size / at the smallest": f"<= {limit}"
+                      for key, limit in STORE_GOALS.items()} | {"store_files at 1M records": "<= 1000"},
+            "goals_met": met | ({"store_files at 1M records": results[-1]["store_files"] <= 1000}
+                                if results[-1]["records"] >= 1_000_000 else {})}
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps({"distillation": report.get("ratios_to_smallest"),
+                      "store_passes": report.get("store_passes", {}).get("ratios_to_smallest")}, indent=2))
 
 
 if __name__ == "__main__":
