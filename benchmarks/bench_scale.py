@@ -6,7 +6,7 @@ The data, not the models, grows. For each size a training set is written directl
 training-set format (`leaf_ray.detection.store.write_training_set`): the embedded simple
 family's 2,000 distillation records, repeated, each made distinct by a record number in its
 prompt, each with the counterfactual that cuts its distractor clauses. Beside it, a teacher
-cache (top-32) is written directly in the cache format: every record's rows are the embedded
+cache (top-32) is written directly in the cache job's layout: every record's rows are the embedded
 teacher's rows for its template (the learned positions are the response's, the same for
 every copy), under the record's own key. Then, in a fresh driver process on a fresh local Ray
 cluster (4 CPUs), `run_distillation` trains the embedded student for `--steps` steps with 2
@@ -102,15 +102,16 @@ def build(folder: Path, size: int) -> dict:
             "teacher_cache_mb": round(sum(p.stat().st_size for p in files(folder / "teacher_cache")) / 2**20, 1)}
 
 
-def write_teacher_cache(folder: Path, base: list, size: int, k: int = 32, part_records: int = 10_000) -> None:
-    """The cache of every record of the set, in parts of ``part_records``, with the embedded
-    teacher's rows for each template under each copy's key (see the module docstring)."""
+def write_teacher_cache(folder: Path, base: list, size: int, k: int = 32, part_records: int = 2048) -> None:
+    """The cache of every record of the set, as the cache job lays it out: parts of
+    ``part_records`` pairs (4,096 records, its default ``records_per_part``) in row groups of
+    64 records, with the embedded teacher's rows for each template under each copy's key (see
+    the module docstring)."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
     from transformers import AutoTokenizer
 
     from leaf_ray.distillation.teacher_cache import (PART_SCHEMA, cache_folder, cache_rows, record_key,
-                                                     tokenizer_fingerprint)
+                                                     tokenizer_fingerprint, write_part)
     from leaf_ray.models import load_model, model_fingerprint
 
     teacher, tokenizer = load_model(EMBEDDED / "teacher")
@@ -127,8 +128,8 @@ def write_teacher_cache(folder: Path, base: list, size: int, k: int = 32, part_r
                 columns["key"].append(record_key(record))
                 for name in ("positions", "ids", "logprobs", "tail"):
                     columns[name].append(row[name])
-        pq.write_table(pa.table(columns, schema=PART_SCHEMA.with_metadata({"k": str(k)})),
-                       cache / "logits" / f"part-{part:05d}.parquet")
+        write_part(cache / "logits" / f"part-{part:05d}.parquet",
+                   pa.table(columns, schema=PART_SCHEMA.with_metadata({"k": str(k)})), records_per_row_group=64)
     student = AutoTokenizer.from_pretrained(EMBEDDED / "student")
     fingerprint = {"teacher": model_fingerprint(EMBEDDED / "teacher"), "tokenizer": tokenizer_fingerprint(student),
                    "k": k, "temperature": 1.0, "vocab": vocab}

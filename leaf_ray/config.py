@@ -242,7 +242,13 @@ class TeacherCacheConfig(StageConfig):
 
     top_k: int = Field(32, ge=1, description="Log-probs kept per response position; the rest of the mass is one "
                                              "tail bucket. Storage: 6 * top_k + 2 bytes per position.")
-    batch_size: int = Field(64, ge=1, description="Records per Ray Data batch handed to an actor.")
+    batch_size: int = Field(64, ge=1, description="Records per Ray Data batch handed to an actor; a batch is "
+                                                  "one row group of a part, what a distillation worker decodes at "
+                                                  "a time.")
+    records_per_part: int = Field(4096, ge=1, description="Records (originals and counterfactuals) per Parquet "
+                                                          "part: 2M records make about 500 parts. A part is the "
+                                                          "unit of resume and what a write task holds: about "
+                                                          "(6 * top_k + 2) bytes x positions x records_per_part.")
     max_tokens_per_batch: int = Field(8192, gt=0, description="Padded tokens per teacher forward.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Teacher weights' dtype.")
     device: str = Field("auto", description="'auto' picks cuda when available, else cpu.")

@@ -227,7 +227,7 @@ def cache_pipeline(scored, tmp_path_factory) -> PipelineConfig:
                                                     "eval_every": 4})
     return PipelineConfig(run_dir=str(root), teacher=str(root / "teacher"), student=scored.student,
                           scoring=ScoringConfig(corpus="unused.jsonl"), distillation=distillation,
-                          teacher_cache=TeacherCacheConfig(top_k=16, batch_size=32, num_actors=2,
+                          teacher_cache=TeacherCacheConfig(top_k=16, batch_size=32, records_per_part=64, num_actors=2,
                                                            resources=ResourcesConfig(num_cpus=1)))
 
 

@@ -117,7 +117,7 @@ def test_a_cache_serves_targets_under_bf16_autocast(tmp_path, byte_tokenizer, by
 
 
 def test_a_cache_in_many_parts_reads_only_what_a_batch_needs_and_gives_every_row(tmp_path, byte_tokenizer, byte_model):
-    """One part per record, one part decoded at a time: every record's targets are the rows
+    """One part per record, one row group decoded at a time: every record's targets are the rows
     written for it (read back here with plain pyarrow), in the batch's order; keys that share
     their first 64 bits, the index's, are still told apart."""
     vocab = len(byte_tokenizer)
@@ -126,7 +126,7 @@ def test_a_cache_in_many_parts_reads_only_what_a_batch_needs_and_gives_every_row
     folder = cache_of(tmp_path / "cache", rows[:1], byte_tokenizer, vocab)
     for number, row in enumerate(rows[1:] + twins, start=1):
         pq.write_table(pa.Table.from_pylist([row]), folder / "logits" / f"part-{number}.parquet")
-    cache = TeacherCache(folder, parts_in_memory=1)
+    cache = TeacherCache(folder, row_groups_in_memory=1)
     assert len(cache) == len(rows) + 2 and len(cache.read_all()) == len(rows) + 2
 
     def written(key: str) -> tuple[list, list]:
@@ -149,3 +149,20 @@ def test_a_cache_in_many_parts_reads_only_what_a_batch_needs_and_gives_every_row
     for twin in twins:
         assert cache.entry(twin["key"])[0].flatten().tolist() == written(twin["key"])[0]
     assert cache.entry("f" * 16 + "2" * 24) is None
+
+
+def test_a_part_of_many_batches_is_decoded_a_row_group_at_a_time(tmp_path, byte_tokenizer, byte_model):
+    """The job writes many batches to one part, a row group each; a worker decodes one row group
+    at a time, not the part, and every record still gets the rows written for it."""
+    vocab = len(byte_tokenizer)
+    rows = cache_rows(byte_model, byte_tokenizer, RECORDS, k=8, temperature=1.0, vocab=vocab)
+    folder = write_cache(tmp_path / "cache", rows, {"teacher": "t", "tokenizer": tokenizer_fingerprint(byte_tokenizer),
+                                                    "k": 8, "temperature": 1.0, "vocab": vocab},
+                         records_per_row_group=2)
+    assert pq.ParquetFile(folder / "logits" / "part-0.parquet").num_row_groups == 3
+    cache = TeacherCache(folder, row_groups_in_memory=1)
+    for row in reversed(rows):
+        ids, logprobs, tail = cache.entry(row["key"])
+        assert ids.flatten().tolist() == row["ids"].tolist() and torch.equal(logprobs.flatten(),
+                                                                            torch.from_numpy(row["logprobs"]))
+        assert tail.tolist() == row["tail"].tolist() and len(cache._decoded) == 1

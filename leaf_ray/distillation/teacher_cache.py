@@ -4,9 +4,10 @@ a training set, computed once, so that distillation runs without the teacher.
 A cache covers every record of one training set (originals and counterfactuals) and lives
 beside it, in ``<training set>/teacher_cache/``::
 
-    logits/part-<batch>.parquet   per record: key, positions, ids (list<int32>, positions * k, row-major),
-                                  logprobs (list<float16>, the same shape), tail (list<float16>, one per position)
-    _done/<batch>.json            the batch's keys, written last (a batch without one is redone)
+    logits/part-<part>.parquet    per record: key, positions, ids (list<int32>, positions * k, row-major),
+                                  logprobs (list<float16>, the same shape), tail (list<float16>, one per position);
+                                  many batches a part, one row group a batch
+    _done/<part>.json             the part's keys, written last (a part without one is redone)
     fingerprint.json              what built it: teacher, tokenizer, k, temperature, vocab, leaf-ray version
     summary.json                  written when every record is in: records, positions, bytes per position
 
@@ -35,6 +36,7 @@ import pyarrow.parquet as pq
 import torch
 
 from leaf_ray.data import Record, TrainingPair, encode_for_training, length_batches, render_sample
+from leaf_ray.detection.store import read_part_pairs
 from leaf_ray.distillation.losses import SparseTargets, teacher_top_k
 from leaf_ray.errors import RunRefused
 
@@ -67,6 +69,12 @@ def training_set_records(pairs: Sequence[TrainingPair]) -> dict[str, Record]:
     return {record_key(r): r for p in pairs for r in (p.original, *p.counterfactuals)}
 
 
+def part_records(training_set: Path, part: str) -> dict[str, Record]:
+    """The records of one part of a training set, by key: what a cache build reads at a time. A
+    record met in two parts is cached twice, and the reader takes either copy."""
+    return training_set_records(read_part_pairs(training_set, part))
+
+
 @torch.no_grad()
 def cache_rows(teacher, tokenizer, records: Sequence[Record], k: int, temperature: float, vocab: int,
                max_tokens_per_batch: int = 8192) -> list[dict[str, Any]]:
@@ -94,17 +102,25 @@ def cache_rows(teacher, tokenizer, records: Sequence[Record], k: int, temperatur
     return rows
 
 
-def write_part(path: Path, rows: list[dict[str, Any]], k: int) -> None:
-    """One Parquet part; ``k`` also goes into its schema metadata, for readers of the bare files."""
+def cache_table(rows: list[dict[str, Any]], k: int) -> pa.Table:
+    """Cache rows as an Arrow table; ``k`` also goes into its schema metadata, for readers of
+    the bare files."""
     columns = {name: [row[name] for row in rows] for name in PART_SCHEMA.names}
-    pq.write_table(pa.table(columns, schema=PART_SCHEMA.with_metadata({"k": str(k)})), path)
+    return pa.table(columns, schema=PART_SCHEMA.with_metadata({"k": str(k)}))
 
 
-def write_cache(folder: str | Path, rows: list[dict[str, Any]], fingerprint: dict[str, Any]) -> Path:
-    """A whole cache written by one process, as one part (the Ray job writes a part per batch)."""
+def write_part(path: Path, table: pa.Table, records_per_row_group: int) -> None:
+    """One Parquet part. The reader decodes a row group at a time, so a row group is what a
+    worker holds of a part: about a batch."""
+    pq.write_table(table, path, row_group_size=records_per_row_group)
+
+
+def write_cache(folder: str | Path, rows: list[dict[str, Any]], fingerprint: dict[str, Any],
+                records_per_row_group: int = 64) -> Path:
+    """A whole cache written by one process, as one part (the Ray job writes many)."""
     folder = Path(folder)
     (folder / "logits").mkdir(parents=True, exist_ok=True)
-    write_part(folder / "logits" / "part-0.parquet", rows, fingerprint["k"])
+    write_part(folder / "logits" / "part-0.parquet", cache_table(rows, fingerprint["k"]), records_per_row_group)
     (folder / "fingerprint.json").write_text(json.dumps(fingerprint, indent=2) + "\n")
     (folder / "summary.json").write_text(json.dumps({"records": len(rows)}) + "\n")
     return folder
@@ -146,30 +162,34 @@ class TeacherCache:
     """A finished cache folder, read as batches need it: what a distillation worker holds
     instead of the teacher.
 
-    It holds an index of every record (its key's first 64 bits, part and row: 16 bytes a
-    record, found by binary search) and the last ``parts_in_memory`` parts it decoded, not the
-    cache: a worker's memory stays flat however big the training set. ``targets(records)``
-    gives the teacher's :class:`SparseTargets` for a batch, rows in the batch's order, as
+    It holds an index of every record (its key's first 64 bits, row group and row: 16 bytes a
+    record, found by binary search) and the last ``row_groups_in_memory`` row groups it decoded
+    (a row group is about a batch of the build), not the cache: a worker's memory stays flat
+    however big the training set and its parts. ``targets(records)`` gives the teacher's
+    :class:`SparseTargets` for a batch, rows in the batch's order, as
     :func:`leaf_ray.distillation.losses.sparse_distill_loss` wants them.
     """
 
-    def __init__(self, folder: str | Path, parts_in_memory: int = 64):
+    def __init__(self, folder: str | Path, row_groups_in_memory: int = 64):
         self.folder = Path(folder)
         built = finished_cache(self.folder)
         self.vocab = int(built["vocab"])
         self.width = min(int(built["k"]), self.vocab)  # ids per position
-        self.parts = sorted((self.folder / "logits").glob("part-*.parquet"))
-        prefixes, parts, rows = [np.empty(0, np.uint64)], [np.empty(0, np.int32)], [np.empty(0, np.int32)]
-        for number, path in enumerate(self.parts):
-            keys = pq.read_table(path, columns=["key"]).column("key").to_pylist()
-            prefixes.append(np.fromiter((_prefix(key) for key in keys), dtype=np.uint64, count=len(keys)))
-            parts.append(np.full(len(keys), number, dtype=np.int32))
-            rows.append(np.arange(len(keys), dtype=np.int32))
+        self.groups: list[tuple[Path, int]] = []  # (part, row group within it)
+        prefixes, groups, rows = [np.empty(0, np.uint64)], [np.empty(0, np.int32)], [np.empty(0, np.int32)]
+        for path in sorted((self.folder / "logits").glob("part-*.parquet")):
+            part = pq.ParquetFile(path)
+            for group in range(part.num_row_groups):
+                keys = part.read_row_group(group, columns=["key"]).column("key").to_pylist()
+                prefixes.append(np.fromiter((_prefix(key) for key in keys), dtype=np.uint64, count=len(keys)))
+                groups.append(np.full(len(keys), len(self.groups), dtype=np.int32))
+                rows.append(np.arange(len(keys), dtype=np.int32))
+                self.groups.append((path, group))
         order = np.argsort(np.concatenate(prefixes), kind="stable")
-        self._prefixes, self._parts = np.concatenate(prefixes)[order], np.concatenate(parts)[order]
+        self._prefixes, self._groups = np.concatenate(prefixes)[order], np.concatenate(groups)[order]
         self._rows = np.concatenate(rows)[order]
         self._decoded: OrderedDict[int, dict[str, Entry]] = OrderedDict()
-        self._parts_in_memory = parts_in_memory
+        self._row_groups_in_memory = row_groups_in_memory
 
     def __len__(self) -> int:
         return len(self._prefixes)
@@ -179,7 +199,7 @@ class TeacherCache:
         prefix = np.uint64(_prefix(key))
         at = int(np.searchsorted(self._prefixes, prefix))
         while at < len(self._prefixes) and self._prefixes[at] == prefix:  # a shared prefix: check the key
-            found = self._part(int(self._parts[at])).get(key)
+            found = self._group(int(self._groups[at])).get(key)
             if found is not None:
                 return found
             at += 1
@@ -187,7 +207,7 @@ class TeacherCache:
 
     def read_all(self) -> dict[str, Entry]:
         """Every entry, in memory: for small caches and for tests."""
-        return {key: entry for number in range(len(self.parts)) for key, entry in self._read_part(number).items()}
+        return {key: entry for number in range(len(self.groups)) for key, entry in self._read_group(number).items()}
 
     def targets(self, records: Sequence[Record]) -> SparseTargets:
         entries = [self.entry(record_key(r)) for r in records]
@@ -202,18 +222,19 @@ class TeacherCache:
             ids, logprobs, tail = (torch.cat([entry[i] for entry in entries]) for i in range(3))
         return SparseTargets(ids, logprobs, tail, self.vocab)
 
-    def _part(self, number: int) -> dict[str, Entry]:
-        """A decoded part, from the last ``parts_in_memory`` read or from disk."""
+    def _group(self, number: int) -> dict[str, Entry]:
+        """A decoded row group, from the last ``row_groups_in_memory`` read or from disk."""
         if number in self._decoded:
             self._decoded.move_to_end(number)
             return self._decoded[number]
-        decoded = self._decoded[number] = self._read_part(number)
-        if len(self._decoded) > self._parts_in_memory:
+        decoded = self._decoded[number] = self._read_group(number)
+        if len(self._decoded) > self._row_groups_in_memory:
             self._decoded.popitem(last=False)
         return decoded
 
-    def _read_part(self, number: int) -> dict[str, Entry]:
-        table = pq.read_table(self.parts[number])
+    def _read_group(self, number: int) -> dict[str, Entry]:
+        path, group = self.groups[number]
+        table = pq.ParquetFile(path).read_row_group(group)
         keys, counts = table.column("key").to_pylist(), table.column("positions").to_pylist()
         columns = (_lists(table.column(name)) for name in ("ids", "logprobs", "tail"))
         return {key: (torch.from_numpy(ids.reshape(count, self.width)),
