@@ -82,7 +82,7 @@ def numbered(template, index: int):
     return TrainingPair(copy(template.original, ""), [copy(template.counterfactuals[0], "#cf0")])
 
 
-def build(folder: Path, size: int) -> dict:
+def build_set(folder: Path, size: int) -> dict:
     """The training set and its teacher cache, unless already there; what they take on disk."""
     from leaf_ray.detection.store import write_training_set
 
@@ -293,6 +293,10 @@ def measure_one(size: int, teacher: str, work: Path, steps: int) -> dict:
             "first_step_s": round(first_step[0], 2) if first_step else None, "wall_s": round(wall, 2)}
 
 
+def build() -> str:
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+
 def run_child(*args: str) -> dict:
     """One measurement in a fresh driver process (on its own fresh local cluster); its JSON."""
     child = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True,
@@ -346,7 +350,7 @@ def main() -> None:
     if "distill" in stages:
         results = []
         for size in sizes:
-            written = build(work / f"set-{size}", size)
+            written = build_set(work / f"set-{size}", size)
             for teacher in ("online", "cache"):
                 subprocess.run(["rm", "-rf", str(work / f"run-{size}-{teacher}")], check=True)
                 results.append({**run_child("--one", str(size), "--teacher", teacher, "--steps", str(args.steps),
@@ -355,6 +359,7 @@ def main() -> None:
         by_size, met = ratios(results, GOALS, group="teacher")
         report.update({
             "benchmark": "distillation driver and worker memory, object store and time to the first step, by data size",
+            "build": build(),
             "setup": {"workers": 2, "steps": args.steps, "batch_size": 16, "teacher": "online (embedded teacher) "
                       "and cache (top-32)", "student": "embedded student", "cluster": "local, 4 CPUs",
                       "machine_cpus": os.cpu_count()},
@@ -372,8 +377,7 @@ def main() -> None:
         report["store_passes"] = {
             "benchmark": "the random control's training set and the detection grade, cut and counted part by part "
                          "on Ray Data from a score store, by its size",
-            "build": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                    text=True).stdout.strip(),
+            "build": build(),
             "setup": {"records_per_part": STORE_PART_RECORDS, "scores": "synthetic, a perfect detector",
                       "cluster": "local, 4 CPUs", "machine_cpus": os.cpu_count()},
             "sizes": results, "ratios_to_smallest": by_size,
