@@ -165,4 +165,6 @@ def test_a_part_of_many_batches_is_decoded_a_row_group_at_a_time(tmp_path, byte_
         ids, logprobs, tail = cache.entry(row["key"])
         assert ids.flatten().tolist() == row["ids"].tolist() and torch.equal(logprobs.flatten(),
                                                                             torch.from_numpy(row["logprobs"]))
-        assert tail.tolist() == row["tail"].tolist() and len(cache._decoded) == 1
+        assert tail.tolist() == row["tail"].tolist()
+        # What is held is one row group (at most 2 records), not the part's 5.
+        assert len(cache._decoded) == 1 and len(next(iter(cache._decoded.values()))) <= 2
