@@ -78,8 +78,8 @@ def test_a_written_training_set_reads_back_in_parts_and_its_manifest_tells_sets_
     monkeypatch.setattr(store, "PAIRS_PER_PART", 3)
     pairs = pair_records(ORIGINALS[:5], CFS)
     store.write_training_set(tmp_path / "set", iter(pairs), {"pairs": 5})
-    assert store.training_set_parts(tmp_path / "set") == ["part-00000.jsonl", "part-00001.jsonl"]
-    assert [len(store.read_part_pairs(tmp_path / "set", part)) for part in ("part-00000.jsonl", "part-00001.jsonl")] == [3, 2]
+    assert store.training_set_parts(tmp_path / "set") == ["part-00000", "part-00001"]
+    assert [len(store.read_part_pairs(tmp_path / "set", part)) for part in ("part-00000", "part-00001")] == [3, 2]
     assert read_training_set(tmp_path / "set") == pairs
     manifest = store.training_set_manifest(tmp_path / "set")
     assert manifest["pairs"] == 5 and len(manifest["files"]) == 4
@@ -87,7 +87,7 @@ def test_a_written_training_set_reads_back_in_parts_and_its_manifest_tells_sets_
     store.write_training_set(tmp_path / "set", pairs, {"pairs": 5})
     assert store.training_set_manifest(tmp_path / "set") == manifest
     store.write_training_set(tmp_path / "set", pairs[:2], {"pairs": 2})  # fewer parts: the old second one goes
-    assert store.training_set_parts(tmp_path / "set") == ["part-00000.jsonl"]
+    assert store.training_set_parts(tmp_path / "set") == ["part-00000"]
     assert store.training_set_manifest(tmp_path / "set")["digest"] != manifest["digest"]
     changed = [TrainingPair(Record(p.original.id, p.original.instruction + " !", p.original.response), p.counterfactuals)
                for p in pairs]

@@ -12,7 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from leaf_ray.detection.store import read_training_set
+from leaf_ray.config import PipelineConfig, load_config
+from leaf_ray.data import TrainingPair
+from leaf_ray.detection.store import read_training_set, store_parts
+from leaf_ray.distillation.variants import instruction_cuts, scored_part, variant_pairs, with_instruction_cuts
 from tests.conftest import EMBEDDED
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,9 +24,10 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow,
               pytest.mark.skipif(not (EMBEDDED / "student").exists(), reason="embedded models not built")]
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    """The Makefile's cluster start, as `make demo` runs it, on a fresh machine: HOME is an empty
+    """The Makefile's cluster start, as `make demo` runs it, once for this module's tests (the
+    job, then `leaf-ray serve` attaching to the same cluster), on a fresh machine: HOME is an empty
     folder (no ~/.ray, no token yet) and no cluster is running. Token authentication stays on:
     the CLI sends the token from HOME/.ray/auth_token when RAY_AUTH_MODE=token (as the README says).
     Own ports, so that it never meets a cluster `make demo` left running."""
@@ -79,6 +83,10 @@ def test_submitted_pipeline_writes_the_report_and_models(cluster, tmp_path):
         (c,) = p.counterfactuals
         assert "note :" not in c.instruction and "note :" not in c.response[:c.target_start]
         assert c.response[c.target_start:] == p.original.response[p.original.target_start:]  # the same target
+    # Both sets equal the same pairs joined in one process over the whole stores (the reference).
+    config = load_config(ROOT / "configs" / "ci.yaml", PipelineConfig).model_copy(update={"run_dir": str(run)})
+    for variant in ("leaf_instr_resp", "oracle_instr_resp"):
+        assert read_training_set(run / "variants" / variant) == joined_in_one_process(config, variant)
     html = (run / "report.html").read_text()
     assert "data:image/png;base64," in html and "LeaF" in html
     for variant in ("kd", "leaf", "leaf_instr_resp", "oracle_instr_resp"):
@@ -94,29 +102,6 @@ def test_submitted_pipeline_writes_the_report_and_models(cluster, tmp_path):
     assert again.returncode == 0, again.stdout[-4000:]
     stages = json.loads((run / "report.json").read_text())["stages"]
     assert all(stage["skipped"] for name, stage in stages.items() if name != "prepare"), stages
-
-
-def test_scored_records_come_by_id_whatever_the_batches(tmp_path):
-    """The random control draws its spans in this order: it must not follow the part files,
-    whose names (and so order) change with how the scoring job batched the corpus."""
-    from leaf_ray.config import PipelineConfig, ScoringConfig
-    from leaf_ray.detection.store import write_batch
-    from leaf_ray.distributed.pipeline import scored_records
-
-    config = PipelineConfig(run_dir=str(tmp_path), teacher=str(EMBEDDED / "teacher"), student=str(EMBEDDED / "student"),
-                            scoring=ScoringConfig(corpus="unused.jsonl"))
-
-    def row(record_id: str) -> dict:
-        return {"id": record_id, "level": "instruction", "text_offset": 0, "unit_kind": "text", "unit_text": ["a"],
-                "unit_start": [0], "unit_end": [1], "teacher": [0.0], "student": [0.0], "diff": [0.0],
-                "masked": [False], "threshold": None}
-
-    batches = [["r3", "r1"], ["r2", "r0"], ["r5", "r4"]]
-    for ids in batches:
-        write_batch(config.layout.score, ids, [row(i) for i in ids],
-                    [{"id": i, "instruction": "a", "response": "1", "level": "instruction"} for i in ids], [], [], {})
-    scored, masks = scored_records(config)
-    assert [s.record.id for s in scored] == ["r0", "r1", "r2", "r3", "r4", "r5"] and len(masks) == 6
 
 
 def test_leaf_ray_serve_attaches_to_a_running_cluster(cluster, tmp_path):
@@ -159,3 +144,24 @@ def test_leaf_ray_serve_attaches_to_a_running_cluster(cluster, tmp_path):
     finally:
         server.send_signal(signal.SIGINT)
         server.wait(timeout=120)
+
+
+def joined_in_one_process(config: PipelineConfig, variant: str) -> list[TrainingPair]:
+    """A ``*_instr_resp`` set built the slow, obvious way: every record of both stores in memory,
+    the instruction cuts in a dict by id."""
+    layout, pruning, seed = config.layout, config.pruning, config.distillation.seed
+
+    def everything(store: Path, level: str):
+        parts = [scored_part(store, part, level) for part in store_parts(store)]
+        return [s for scored, _ in parts for s in scored], [m for _, masks in parts for m in masks]
+
+    scored, masks = everything(layout.score, "instruction")
+    cuts = instruction_cuts(variant, scored, pruning, seed, masks)
+    if variant == "leaf_instr_resp":  # the detector's own pairs, as scoring wrote them
+        instruction, response = read_training_set(layout.score), read_training_set(layout.score_response)
+    else:
+        response_scored, response_masks = everything(layout.score_response, "response")
+        instruction = variant_pairs(variant, scored, pruning, seed, masks)
+        response = variant_pairs(variant, response_scored, pruning, seed, response_masks)
+    pairs = instruction + [with_instruction_cuts(pair, cuts) for pair in response]
+    return sorted(pairs, key=lambda p: (p.original.id, p.level))

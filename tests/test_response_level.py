@@ -14,10 +14,9 @@ import torch
 from leaf_ray.config import DistillationConfig, PruningConfig, ScoringConfig
 from leaf_ray.data import Record, TrainingPair
 from leaf_ray.detection.scorer import PairScorer, ScoringBatchProcessor
-from leaf_ray.detection.store import read_training_set, write_training_set
+from leaf_ray.detection.store import pair_to_row, read_training_set, row_to_pair, write_training_set
 from leaf_ray.detection.verification import generation_requests
 from leaf_ray.distillation.loop import branch_loss
-from leaf_ray.distributed.distill import pair_to_row, row_to_pair
 from leaf_ray.data import encode_for_training
 from leaf_ray.evaluation import greedy_generate
 from tests.conftest import tiny_llama

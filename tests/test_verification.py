@@ -9,7 +9,7 @@ import pytest
 
 from leaf_ray.config import PipelineConfig, ResourcesConfig, ScoringConfig, VerificationConfig
 from leaf_ray.data import Record, TrainingPair, write_jsonl
-from leaf_ray.detection.store import read_originals, read_training_set
+from leaf_ray.detection.store import read_originals, read_training_set, training_set_parts
 from leaf_ray.detection.verification import generation_requests, select
 from tests.conftest import EMBEDDED
 
@@ -61,7 +61,9 @@ def test_vllm_answers_match_transformers_and_rules_apply(tmp_path):
     write_jsonl(corpus, [json.loads(line) for line in lines])
     pipeline = PipelineConfig(
         run_dir=str(tmp_path), teacher=str(EMBEDDED / "teacher"), student=str(EMBEDDED / "student"),
-        scoring=ScoringConfig(corpus=str(corpus), max_length=128, resources=ResourcesConfig(num_cpus=1)),
+        # parts of 8 records: verification joins each part's pairs with that part's answers
+        scoring=ScoringConfig(corpus=str(corpus), max_length=128, records_per_part=8,
+                              resources=ResourcesConfig(num_cpus=1)),
         # enforce_eager: no kernel compilation at each engine's cold start (answers, not speed, are tested)
         verification=VerificationConfig(max_tokens=8, max_model_len=256, dtype="float32", batch_size=32,
                                         enforce_eager=True))
@@ -73,9 +75,12 @@ def test_vllm_answers_match_transformers_and_rules_apply(tmp_path):
         ray.shutdown()
 
     out = pipeline.layout.verify
-    answers = {row["key"]: row for row in map(json.loads, (out / "answers.jsonl").read_text().splitlines())}
+    answers = {row["key"]: row for path in sorted((out / "answers").glob("part-*"))
+               for row in map(json.loads, path.read_text().splitlines())}
     originals = read_originals(pipeline.layout.score)
     assert len(originals) == 24
+    assert summary["parts"] == len(training_set_parts(pipeline.layout.score)) >= 2
+    assert sorted(answers) == sorted(request["key"] for request in generation_requests(read_training_set(pipeline.layout.score)))
     student, tokenizer = load_model(EMBEDDED / "student")
     teacher, _ = load_model(EMBEDDED / "teacher")
     instructions = [r.instruction for r in originals]

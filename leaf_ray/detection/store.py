@@ -222,25 +222,36 @@ def read_originals(folder: Path) -> list[Record]:
 
 
 def training_set_parts(folder: Path) -> list[str]:
-    """The names of a training set's parts (a scoring batch's or a written chunk's), sorted."""
+    """The names (``part-<name>``) of a training set's parts (a score store's or a written chunk's), sorted."""
     if not is_training_set(folder):
         raise FileNotFoundError(f"{folder} holds no finished training set (originals/ and summary.json)")
-    return sorted(path.name for path in (folder / "originals").glob("part-*.jsonl"))
+    return sorted(path.stem for path in (folder / "originals").glob("part-*.jsonl"))
 
 
 def read_part_pairs(folder: Path, part: str) -> list[TrainingPair]:
     """One part's originals joined with their counterfactuals (by ``source_id`` and ``level``),
     in the part's order. Every writer keeps a record's counterfactuals in its original's part."""
     by_source: dict[tuple[str, str], list[Record]] = {}
-    counterfactuals = folder / "counterfactuals" / part
+    counterfactuals = folder / "counterfactuals" / f"{part}.jsonl"
     for row in _read_jsonl(counterfactuals) if counterfactuals.exists() else []:
         by_source.setdefault((row["source_id"], row.get("level", "instruction")), []).append(Record.from_dict(row))
     pairs = [TrainingPair(Record.from_dict(row), by_source.pop((row["id"], level), []), level)
-             for row in _read_jsonl(folder / "originals" / part) for level in [row.get("level", "instruction")]]
+             for row in _read_jsonl(folder / "originals" / f"{part}.jsonl") for level in [row.get("level", "instruction")]]
     if by_source:
         raise ValueError(f"{counterfactuals}: counterfactuals of {sorted(by_source)[:3]} have no original in "
-                         f"originals/{part}; a training set keeps them in their original's part")
+                         f"originals/{part}.jsonl; a training set keeps them in their original's part")
     return pairs
+
+
+def pair_to_row(pair: TrainingPair) -> dict[str, str]:
+    """A pair as flat text columns, as a Ray Data block carries it."""
+    return {"id": pair.original.id, "level": pair.level, "original": json.dumps(pair.original.to_dict()),
+            "counterfactuals": json.dumps([c.to_dict() for c in pair.counterfactuals])}
+
+
+def row_to_pair(row: dict[str, str]) -> TrainingPair:
+    return TrainingPair(Record(**json.loads(row["original"])),
+                        [Record(**c) for c in json.loads(row["counterfactuals"])], row["level"])
 
 
 def read_training_set(folder: Path) -> list[TrainingPair]:
@@ -257,7 +268,7 @@ def training_set_manifest(folder: Path) -> dict[str, Any]:
     files, pairs, digest = [], 0, hashlib.sha256()
     for part in training_set_parts(folder):
         for kind in ("originals", "counterfactuals"):
-            path = folder / kind / part
+            path = folder / kind / f"{part}.jsonl"
             if not path.exists():
                 continue
             checksum, lines = hashlib.sha256(), 0
@@ -265,9 +276,9 @@ def training_set_manifest(folder: Path) -> dict[str, Any]:
                 for chunk in iter(lambda: handle.read(1 << 20), b""):
                     checksum.update(chunk)
                     lines += chunk.count(b"\n")
-            files.append({"path": f"{kind}/{part}", "bytes": path.stat().st_size, "sha256": checksum.hexdigest()})
+            files.append({"path": f"{kind}/{part}.jsonl", "bytes": path.stat().st_size, "sha256": checksum.hexdigest()})
             pairs += lines if kind == "originals" else 0
-            digest.update(f"{kind}/{part} {checksum.hexdigest()}\n".encode())
+            digest.update(f"{kind}/{part}.jsonl {checksum.hexdigest()}\n".encode())
     return {"files": files, "pairs": pairs, "digest": digest.hexdigest()[:16]}
 
 

@@ -11,11 +11,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from leaf_ray.config import VerificationConfig
-from leaf_ray.data import Record, TrainingPair
+import pyarrow.parquet as pq
+
 from leaf_ray.checkers import resolve_checker
+from leaf_ray.config import VerificationConfig
+from leaf_ray.data import Record, TrainingPair, write_jsonl
+from leaf_ray.detection.store import read_part_pairs, write_training_part
 
 
 def original_key(pair: TrainingPair) -> str:
@@ -47,7 +51,12 @@ def generation_requests(pairs: Sequence[TrainingPair]) -> list[dict[str, Any]]:
 @dataclass
 class Selection:
     pairs: list[TrainingPair]
-    summary: dict[str, Any]
+    counts: dict[str, int]  # answered, right and kept: they add up over parts
+    config: VerificationConfig
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        return selection_summary(self.counts, self.config)
 
 
 def select(pairs: Sequence[TrainingPair], student_answers: Mapping[str, str], teacher_answers: Mapping[str, str],
@@ -72,13 +81,50 @@ def select(pairs: Sequence[TrainingPair], student_answers: Mapping[str, str], te
     kept = [TrainingPair(p.original, [c for c in p.counterfactuals
                                       if config.keep_counterfactuals == "all" or cf_right[c.id]], p.level)
             for p in pairs if keep_original(p)]
+    counts = {"originals": len(originals), "counterfactuals": len(cf_right), "kept_originals": len(kept),
+              "kept_counterfactuals": sum(len(p.counterfactuals) for p in kept),
+              "student_right_originals": sum(student_right.values()),
+              "student_right_counterfactuals": sum(cf_right.values())}
+    if teacher_answers:
+        counts["teacher_right_originals"] = sum(teacher_right.values())
+    return Selection(kept, counts, config)
+
+
+def selection_summary(counts: Mapping[str, int], config: VerificationConfig) -> dict[str, Any]:
+    """How many originals and counterfactuals were answered and kept, and the accuracies."""
+    originals, cfs = counts.get("originals", 0), counts.get("counterfactuals", 0)
     summary = {
-        "originals": len(originals), "counterfactuals": len(cf_right),
-        "kept_originals": len(kept), "kept_counterfactuals": sum(len(p.counterfactuals) for p in kept),
-        "student_accuracy_original": sum(student_right.values()) / max(len(originals), 1),
-        "student_accuracy_counterfactual": sum(cf_right.values()) / max(len(cf_right), 1),
+        "originals": originals, "counterfactuals": cfs,
+        "kept_originals": counts.get("kept_originals", 0), "kept_counterfactuals": counts.get("kept_counterfactuals", 0),
+        "student_accuracy_original": counts.get("student_right_originals", 0) / max(originals, 1),
+        "student_accuracy_counterfactual": counts.get("student_right_counterfactuals", 0) / max(cfs, 1),
         "rules": {"keep_originals": config.keep_originals, "keep_counterfactuals": config.keep_counterfactuals},
     }
-    if teacher_right:
-        summary["teacher_accuracy_original"] = sum(teacher_right.values()) / max(len(originals), 1)
-    return Selection(kept, summary)
+    if "teacher_right_originals" in counts:
+        summary["teacher_accuracy_original"] = counts["teacher_right_originals"] / max(originals, 1)
+    return summary
+
+
+def read_part_answers(folder: Path, part: str) -> dict[str, str]:
+    """One part's generated answers (key -> text) from a Parquet folder partitioned by part
+    (``<folder>/part=<part>/``, as Ray Data's ``write_parquet(partition_cols=["part"])`` writes it);
+    none when the part has none."""
+    path = folder / f"part={part}"
+    if not path.is_dir():
+        return {}
+    table = pq.read_table(path, columns=["key", "text"])
+    return dict(zip(table.column("key").to_pylist(), table.column("text").to_pylist()))
+
+
+def verify_part(source: Path, part: str, generated: Path, output: Path, config: VerificationConfig) -> dict[str, int]:
+    """Keep the pairs of one training-set part of ``source`` that the rules select, given the
+    answers in ``generated/student`` and ``generated/teacher``: the kept pairs become the part of
+    the same name in ``output``, every answer goes to ``output/answers/<part>``; returns the
+    part's counts, which add up over parts."""
+    pairs = read_part_pairs(source, part)
+    student, teacher = read_part_answers(generated / "student", part), read_part_answers(generated / "teacher", part)
+    selection = select(pairs, student, teacher, config)
+    write_training_part(output, part, selection.pairs)
+    write_jsonl(output / "answers" / part, [{"key": row["key"], "kind": row["kind"], "student": student[row["key"]],
+                                              "teacher": teacher.get(row["key"])} for row in generation_requests(pairs)])
+    return selection.counts

@@ -36,7 +36,7 @@ from leaf_ray.config import DistillationConfig, PruningConfig
 from leaf_ray.data import Record, TrainingPair
 from leaf_ray.detection.pruning import counterfactuals, cut, find_spans, mask_of_spans, random_mask_like
 from leaf_ray.detection.scorer import ScoredRecord
-from leaf_ray.detection.store import read_store_part, write_training_part
+from leaf_ray.detection.store import read_part_pairs, read_store_part
 from leaf_ray.evaluation import confounder_spans
 
 
@@ -118,13 +118,21 @@ def scored_part(store: Path, part: str, level: str = "instruction") -> tuple[lis
             [np.array(row["masked"], dtype=bool) for row in rows])
 
 
-def write_variant_part(store: Path, part: str, folder: Path, variant: str, pruning: PruningConfig, seed: int) -> int:
-    """Cut ``variant``'s pairs from one score-store part and write them as the training-set part
-    of the same name; return how many pairs it holds."""
+def part_pairs(variant: str, store: Path, detected_set: Path, part: str, pruning: PruningConfig, seed: int,
+               level: str = "instruction") -> list[TrainingPair]:
+    """``variant``'s pairs at ``level`` from one part: the detector's own (the part of that name
+    in ``detected_set``, the scoring or verification output), or cut from ``store``'s scores."""
+    if VARIANTS[variant].spans == "detected":
+        return read_part_pairs(detected_set, part)
+    scored, detected = scored_part(store, part, level)
+    return variant_pairs(variant, scored, pruning, seed, detected)
+
+
+def part_instruction_cuts(variant: str, store: Path, part: str, pruning: PruningConfig, seed: int
+                          ) -> dict[str, list[tuple[int, int]]]:
+    """:func:`instruction_cuts` of one score-store part's records."""
     scored, detected = scored_part(store, part)
-    pairs = variant_pairs(variant, scored, pruning, seed, detected)
-    write_training_part(folder, part, pairs)
-    return len(pairs)
+    return instruction_cuts(variant, scored, pruning, seed, detected)
 
 
 def variant_pairs(variant: str, scored: Sequence[ScoredRecord], pruning: PruningConfig, seed: int,

@@ -35,8 +35,7 @@ from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, R
 from ray.train.torch import TorchTrainer
 
 from leaf_ray.config import DistillationConfig, PipelineConfig
-from leaf_ray.data import Record, TrainingPair
-from leaf_ray.detection.store import read_part_pairs, training_set_manifest, training_set_parts
+from leaf_ray.detection.store import pair_to_row, read_part_pairs, row_to_pair, training_set_manifest, training_set_parts
 from leaf_ray.distillation.loop import PairStream, train, validation_bucket
 from leaf_ray.distillation.teacher_cache import cache_folder, check_cache
 from leaf_ray.distillation.variants import variant_config
@@ -77,16 +76,6 @@ class DistillationRun:
         return replace(self, **{key: str(Path(getattr(self, key)).resolve())
                                 for key in ("teacher", "student", "data_dir", "output_dir", "teacher_cache")
                                 if getattr(self, key) is not None})
-
-
-def pair_to_row(pair: TrainingPair) -> dict[str, str]:
-    return {"id": pair.original.id, "level": pair.level, "original": json.dumps(pair.original.to_dict()),
-            "counterfactuals": json.dumps([c.to_dict() for c in pair.counterfactuals])}
-
-
-def row_to_pair(row: dict[str, str]) -> TrainingPair:
-    return TrainingPair(Record(**json.loads(row["original"])),
-                        [Record(**c) for c in json.loads(row["counterfactuals"])], row["level"])
 
 
 def training_set_dataset(folder: Path) -> ray.data.Dataset:

@@ -20,25 +20,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from leaf_ray.config import PipelineConfig
-from leaf_ray.data import iter_records
-from leaf_ray.detection.scorer import ScoredRecord
-from leaf_ray.detection.store import (
-    is_training_set,
-    read_store_part,
-    read_training_set,
-    store_parts,
-    write_training_set,
-)
-from leaf_ray.distillation.variants import (
-    VARIANTS,
-    instruction_cuts,
-    scored_part,
-    variant_pairs,
-    with_instruction_cuts,
-)
+from leaf_ray.data import Record, iter_records
+from leaf_ray.detection.store import is_training_set, read_store_part, store_parts
+from leaf_ray.distillation.variants import VARIANTS
+from leaf_ray.evaluation import confounder_spans
 from leaf_ray.files import write_text_atomically
 
 
@@ -140,22 +126,12 @@ class StageClock:
             entry["wall_s"] = round(time.perf_counter() - started, 2)
 
 
-def scored_records(config: PipelineConfig, level: str = "instruction") -> tuple[list[ScoredRecord], list[np.ndarray]]:
-    """The run's scores at ``level``, each with its original record and the detector's mask, by
-    id, whatever the parts: for the response-level variants, which join each record's
-    instruction cuts to its response-level pair in the driver."""
-    store = config.layout.score if level == "instruction" else config.layout.score_response
-    by_part = [scored_part(store, part, level) for part in store_parts(store)]
-    joined = sorted(((s, mask) for scored, masks in by_part for s, mask in zip(scored, masks)),
-                    key=lambda pair: pair[0].record.id)
-    return [s for s, _ in joined], [mask for _, mask in joined]
-
-
 def training_set(config: PipelineConfig, variant: str) -> Path:
     """The training set a variant trains on: the scoring (or verification) output for KD and
-    LeaF; for the controls, counterfactuals cut from other spans, part by part on Ray Data; for
-    the ``*_instr_resp`` variants, those pairs and the response-level pass's, whose
-    counterfactuals also lose the instruction's cuts. Sets of several sources are written once."""
+    LeaF; for the controls, counterfactuals cut from other spans; for the ``*_instr_resp``
+    variants, those pairs and the response-level pass's, whose counterfactuals also lose the
+    instruction's cuts. Both are built on Ray Data (:mod:`leaf_ray.distributed.store_passes`),
+    once."""
     layout = config.layout
     rules = VARIANTS[variant]
     instruction = layout.verify if config.verification else layout.score
@@ -164,37 +140,20 @@ def training_set(config: PipelineConfig, variant: str) -> Path:
     folder = layout.variant_data(variant)
     if is_training_set(folder):
         return folder
-    seed, pruning = config.distillation.seed, config.pruning
-    if not rules.response_level:
-        from leaf_ray.distributed.store_passes import write_control_set
+    from leaf_ray.distributed.store_passes import write_control_set, write_response_level_set
 
+    seed, pruning = config.distillation.seed, config.pruning
+    if rules.response_level:
+        write_response_level_set(layout, config.verification is not None, folder, variant, pruning, seed)
+    else:
         write_control_set(layout.score, folder, variant, pruning, seed)
-        return folder
-    scored, detected = scored_records(config)
-    if rules.spans == "detected":  # the scoring job's (or verification's) own pairs
-        pairs = read_training_set(instruction)
-    else:
-        pairs = variant_pairs(variant, scored, pruning, seed, detected)
-    cuts = instruction_cuts(variant, scored, pruning, seed, detected)
-    if rules.spans == "detected":
-        response = read_training_set(layout.verify_response if config.verification else layout.score_response)
-    else:
-        response_scored, response_detected = scored_records(config, "response")
-        response = variant_pairs(variant, response_scored, pruning, seed, response_detected)
-    if not response:
-        raise ValueError(f"{variant}: the response-level pass kept no record (see "
-                         f"{layout.score_response}/errors: a single-step response has no reasoning "
-                         "prefix to prune); use a corpus with multi-step responses or drop the variant")
-    pairs += [with_instruction_cuts(pair, cuts) for pair in response]
-    write_training_set(folder, pairs, {"variant": variant, "pairs": len(pairs),
-                                       "response_level_pairs": sum(p.level == "response" for p in pairs)})
     return folder
 
 
 def evaluate(config: PipelineConfig, variants: list[str]) -> dict[str, Any]:
     """Accuracy of every model on every test file; detection, attention, report samples."""
     from leaf_ray.distributed.store_passes import grade_store
-    from leaf_ray.evaluation import attention_mass, confounder_spans, evaluate_models, paired_difference
+    from leaf_ray.evaluation import attention_mass, evaluate_models, paired_difference
     from leaf_ray.models import load_model
 
     evaluation = config.evaluation
@@ -232,9 +191,6 @@ def evaluate(config: PipelineConfig, variants: list[str]) -> dict[str, Any]:
 def store_samples(store: Path, count: int) -> list[dict[str, Any]]:
     """The first ``count`` instruction-level scores rows of ``store`` (parts in name order), each
     with its record's ground-truth spans: only the parts that hold them are read."""
-    from leaf_ray.data import Record
-    from leaf_ray.evaluation import confounder_spans
-
     samples: list[dict[str, Any]] = []
     for part in store_parts(store):
         if len(samples) >= count:

@@ -2,22 +2,28 @@
 processor, :mod:`leaf_ray.distributed.generate`), then keep what the rules in
 :mod:`leaf_ray.detection.verification` select.
 
-Writes the kept pairs as a training set into the run's ``verify/`` folder (``originals/``,
-``counterfactuals/``), ``answers.jsonl`` (every generated answer) and ``summary.json``
-last, so a finished stage is skipped on a rerun. Distillation then trains on it.
+One Ray Data pipeline per model reads the source training set part by part, tokenizes,
+generates and writes the answers as Parquet partitioned by part (``generated/student/``,
+``generated/teacher/``); then a Ray task per part joins the part's pairs with its answers and
+writes the kept pairs as the training-set part of the same name in ``verify/``, with every
+answer in ``answers/<part>``. The driver holds part names and counts. ``summary.json`` is
+written last, so a finished stage is skipped on a rerun and an unfinished one is redone.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import time
+from collections import Counter
 from typing import Any
 
 from leaf_ray.config import PipelineConfig
-from leaf_ray.data import write_jsonl
-from leaf_ray.detection.store import read_training_set, write_training_set
-from leaf_ray.detection.verification import generation_requests, select
-from leaf_ray.distributed.generate import vllm_generate
+from leaf_ray.detection.store import clear_training_set, read_part_pairs, training_set_parts
+from leaf_ray.detection.verification import generation_requests, selection_summary, verify_part
+from leaf_ray.distributed.generate import generate
+from leaf_ray.distributed.store_passes import over_parts, parts_dataset
+from leaf_ray.files import write_text_atomically
 
 
 def run_verification(pipeline: PipelineConfig, response_pass: bool = False) -> dict[str, Any]:
@@ -31,20 +37,30 @@ def run_verification(pipeline: PipelineConfig, response_pass: bool = False) -> d
     if (output / "summary.json").exists():
         return json.loads((output / "summary.json").read_text())
     started = time.perf_counter()
-    pairs = read_training_set(source)
-    rows = generation_requests(pairs)
-    engine = {"max_tokens": config.max_tokens, "max_model_len": config.max_model_len, "dtype": config.dtype,
-              "gpu_memory_utilization": config.gpu_memory_utilization, "batch_size": config.batch_size,
-              "num_engines": config.num_engines, "resources": config.resources, "enforce_eager": config.enforce_eager}
+    clear_training_set(output)
+    for folder in (output / "generated", output / "answers"):
+        shutil.rmtree(folder, ignore_errors=True)
+    parts = training_set_parts(source)
 
-    student = vllm_generate(pipeline.student, {r["key"]: (r["instruction"], r["prefix"]) for r in rows}, **engine)
-    needs_teacher = config.keep_originals != "all"
-    teacher = (vllm_generate(pipeline.teacher, {r["key"]: (r["instruction"], r["prefix"]) for r in rows
-                                                if r["kind"] == "original"}, **engine) if needs_teacher else {})
-    selection = select(pairs, student, teacher, config)
+    def part_requests(row: dict[str, Any]) -> list[dict[str, Any]]:
+        return [{**request, "part": row["part"]} for request in generation_requests(read_part_pairs(source, row["part"]))]
 
-    write_jsonl(output / "answers.jsonl", [{"key": r["key"], "kind": r["kind"], "student": student[r["key"]],
-                                            "teacher": teacher.get(r["key"])} for r in rows])
-    summary = {**selection.summary, "wall_s": round(time.perf_counter() - started, 2)}
-    write_training_set(output, selection.pairs, summary)
+    requests = parts_dataset(parts).flat_map(part_requests)
+    engine = {"keep": ("key", "part"), "max_tokens": config.max_tokens, "max_model_len": config.max_model_len,
+              "dtype": config.dtype, "gpu_memory_utilization": config.gpu_memory_utilization,
+              "batch_size": config.batch_size, "num_engines": config.num_engines, "resources": config.resources,
+              "enforce_eager": config.enforce_eager}
+    generate(pipeline.student, requests, **engine).write_parquet(str(output / "generated" / "student"),
+                                                                 partition_cols=["part"])
+    if config.keep_originals != "all":  # the other rules ask whether the teacher answers the original right
+        originals = requests.filter(lambda row: row["kind"] == "original")
+        generate(pipeline.teacher, originals, **engine).write_parquet(str(output / "generated" / "teacher"),
+                                                                      partition_cols=["part"])
+    counts = over_parts(parts, lambda part: verify_part(source, part, output / "generated", output, config))
+    totals = Counter()
+    for part_counts in counts:
+        totals.update(part_counts)  # update, not +: a count of 0 stays (0 of the teacher's right is a figure)
+    summary = {**selection_summary(totals, config), "parts": len(parts),
+               "wall_s": round(time.perf_counter() - started, 2)}
+    write_text_atomically(output / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
