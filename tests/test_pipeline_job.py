@@ -91,7 +91,7 @@ def test_submitted_pipeline_writes_the_report_and_models(cluster, tmp_path):
     assert "data:image/png;base64," in html and "LeaF" in html
     for variant in ("kd", "leaf", "leaf_instr_resp", "oracle_instr_resp"):
         export = json.loads((run / "distill" / variant / "export.json").read_text())
-        assert export["metrics"]["step"] == 40
+        assert export["metrics"]["step"] == 20
         assert export["lam"] == (1.0 if variant == "kd" else 0.5)  # the kd variant's rule, applied visibly
         assert (run / "distill" / variant / "model" / "model.safetensors").exists()
 
