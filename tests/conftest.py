@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,18 @@ CHATML_TEMPLATE = (
     "{% for message in messages %}<|turn|>{{ message['role'] }}\n{{ message['content'] }}<|end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|turn|>assistant\n{% endif %}"
 )
+
+
+@pytest.fixture(autouse=True, scope="module")
+def no_ray_left_running():
+    """A module must stop the Ray it started in the test process. One left running is killed by
+    test_scoring_job's `ray stop --force`, and a minute later Ray ends the whole test process with
+    exit code 1 and no report (a CI run died so)."""
+    yield
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+        pytest.fail("this module left Ray running in the test process: ray.shutdown() it")
 
 
 @pytest.fixture(scope="session")

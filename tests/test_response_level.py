@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from leaf_ray.config import DistillationConfig, PruningConfig, ScoringConfig
@@ -151,11 +152,14 @@ def test_verification_continues_from_the_pruned_prefix(byte_tokenizer, tmp_path)
     assert alone != got
 
 
+@pytest.mark.ray
 def test_the_pipeline_joins_both_levels_and_refuses_a_corpus_without_reasoning(byte_tokenizer, tmp_path):
     """leaf_instr_resp's training set is the instruction pairs plus the response-level pass's; a
     pass that kept nothing (single-step responses) is an error naming the variant, not a silent
-    copy of leaf."""
-    import pytest
+    copy of leaf. The join is a Ray Data group-by, so this test starts a local cluster and stops
+    it: one left running in the test process dies with a later test's `ray stop`, and takes the
+    test process with it."""
+    import ray
 
     from leaf_ray.config import PipelineConfig
     from leaf_ray.distributed.pipeline import training_set
@@ -165,9 +169,13 @@ def test_the_pipeline_joins_both_levels_and_refuses_a_corpus_without_reasoning(b
     layout = config.layout
     write_training_set(layout.score, scored_pairs(byte_tokenizer, tmp_path, "instruction"), {})
     write_training_set(layout.score_response, [], {})
-    with pytest.raises(ValueError, match="leaf_instr_resp: the response-level pass kept no record"):
-        training_set(config, "leaf_instr_resp")
-    write_training_set(layout.score_response, scored_pairs(byte_tokenizer, tmp_path, "response"), {})
-    folder = training_set(config, "leaf_instr_resp")
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        with pytest.raises(ValueError, match="leaf_instr_resp: the response-level pass kept no record"):
+            training_set(config, "leaf_instr_resp")
+        write_training_set(layout.score_response, scored_pairs(byte_tokenizer, tmp_path, "response"), {})
+        folder = training_set(config, "leaf_instr_resp")
+    finally:
+        ray.shutdown()
     assert sorted(p.level for p in read_training_set(folder)) == ["instruction"] * 3 + ["response"] * 3
     assert training_set(config, "leaf") == layout.score
