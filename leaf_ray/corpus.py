@@ -1,7 +1,8 @@
 """Where a corpus comes from, and how its columns become records.
 
-Sources (:func:`resolve_corpus` turns each into a list of files that Ray Data reads, one
-task per file, so a large dataset never passes through the driver):
+Sources (:func:`resolve_corpus` turns each into a list of files that Ray Data reads in pieces of
+about ``scoring.read_chunk_bytes``, a task per piece (:func:`corpus_chunks`), so a large dataset
+never passes through the driver nor whole through one task):
 
 - a JSONL / JSON / Parquet file, or a folder of them;
 - a folder written by ``datasets``' ``save_to_disk`` (a ``Dataset``, or a ``DatasetDict``
@@ -21,8 +22,10 @@ import base64
 import datetime
 import decimal
 import hashlib
+import itertools
 import json
 import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from leaf_ray.config import ColumnMapping, ScoringConfig
-from leaf_ray.data import SUPPORTED_SUFFIXES, RecordError, corpus_files
+from leaf_ray.data import SUPPORTED_SUFFIXES, RecordError, corpus_files, decode_batches, decode_jsonl, decode_rows
 
 HUB_PREFIX = "hf:"
 
@@ -194,3 +197,102 @@ def canonical_row(obj: Any, columns: ColumnMapping) -> dict[str, Any]:
             raise RecordError("row has no id and no instruction/response text to derive one from")
         raw_id = content_id(instruction, response)
     return {"id": raw_id, **row}
+
+
+# Reading in pieces: what one read task holds is a piece of about ``chunk_bytes``, never a whole
+# big file. A chunk is a dict (it travels as a Ray Data row): ``path``; ``start``/``end``, the
+# byte range of a JSONL file whose lines it owns (a line belongs to the range it starts in);
+# ``row_groups`` of a Parquet file; ``lines_before``, the lines (rows) of the file before it.
+
+
+def corpus_chunks(files: list[Path], chunk_bytes: int,
+                  count_newlines: Callable[[list[tuple[str, int, int]]], list[int]] | None = None) -> list[dict[str, Any]]:
+    """The read pieces of ``files``, in corpus order. A JSONL file is cut into byte ranges, a
+    Parquet file into runs of row groups (by uncompressed size), each of about ``chunk_bytes``; a
+    JSON array or an Arrow stream is one piece (neither can be split without reading it whole).
+    ``count_newlines`` counts the newlines of byte ranges (path, start, end), so that every
+    piece knows its first line's number; by default in this process (the Ray job counts them in
+    tasks, a range each)."""
+    count_newlines = count_newlines or (lambda ranges: [newlines_in(*r) for r in ranges])
+    chunks = []
+    for path in files:
+        size = path.stat().st_size
+        if path.suffix == ".jsonl" and size > chunk_bytes:
+            starts = list(range(0, size, chunk_bytes))
+            counts = count_newlines([(str(path), start, start + chunk_bytes) for start in starts[:-1]])
+            before = [0, *itertools.accumulate(counts)]
+            chunks += [whole_file(path, start=start, end=min(start + chunk_bytes, size), lines_before=lines)
+                       for start, lines in zip(starts, before)]
+        elif path.suffix == ".parquet" and (groups := row_group_runs(path, chunk_bytes)) is not None:
+            chunks += [whole_file(path, row_groups=run, lines_before=rows) for run, rows in groups]
+        else:
+            chunks.append(whole_file(path))
+    return chunks
+
+
+def whole_file(path: Path, **fields: Any) -> dict[str, Any]:
+    """A chunk: the whole file unless ``fields`` narrow it."""
+    return {"path": str(path), "start": 0, "end": path.stat().st_size, "row_groups": [], "lines_before": 0, **fields}
+
+
+def row_group_runs(path: Path, chunk_bytes: int) -> list[tuple[list[int], int]] | None:
+    """Runs of a Parquet file's row groups of about ``chunk_bytes``, each with the rows before it;
+    None for a file whose footer does not read (read whole, it becomes that file's error row)."""
+    try:
+        meta = pq.read_metadata(path)
+    except (pa.ArrowException, OSError):
+        return None
+    runs, run, run_bytes, rows = [], [], 0, 0
+    for index in range(meta.num_row_groups):
+        group = meta.row_group(index)
+        run.append(index)
+        run_bytes += group.total_byte_size
+        if run_bytes >= chunk_bytes or index == meta.num_row_groups - 1:
+            runs.append((run, rows))
+            rows += sum(meta.row_group(i).num_rows for i in run)
+            run, run_bytes = [], 0
+    return runs
+
+
+def newlines_in(path: str, start: int, end: int, block: int = 1 << 20) -> int:
+    """The newlines in bytes [start, end) of a file, read a MiB at a time."""
+    count = 0
+    with open(path, "rb") as handle:
+        handle.seek(start)
+        while start < end and (data := handle.read(min(block, end - start))):
+            count += data.count(b"\n")
+            start += len(data)
+    return count
+
+
+def read_chunk(chunk: dict[str, Any]) -> Iterator[tuple[int, Any]]:
+    """(line or row number, decoded object or RecordError) for each row a chunk owns."""
+    path, source = Path(chunk["path"]), chunk["path"]
+    if path.suffix == ".jsonl":
+        content, lines_before = jsonl_range(path, chunk["start"], chunk["end"], chunk["lines_before"])
+        yield from decode_jsonl(content, source, first_line=lines_before + 1)
+    elif chunk["row_groups"]:
+        try:
+            batches = pq.ParquetFile(path).read_row_groups(list(chunk["row_groups"])).to_batches()
+        except (pa.ArrowException, OSError) as exc:
+            yield 0, RecordError(f"file is not a readable parquet file: {exc}", source=source)
+            return
+        yield from decode_batches(batches, source, rows_before=chunk["lines_before"])
+    else:
+        yield from decode_rows(path.read_bytes(), path.suffix, source)
+
+
+def jsonl_range(path: Path, start: int, end: int, lines_before: int) -> tuple[bytes, int]:
+    """The bytes of the lines that start in [start, end), and the lines before the first of them
+    (``lines_before`` counts the newlines before ``start``; a line cut by ``start`` is its
+    previous range's, and adds one)."""
+    with path.open("rb") as handle:
+        if start > 0:
+            handle.seek(start - 1)
+            if handle.read(1) != b"\n" and handle.readline().endswith(b"\n"):
+                lines_before += 1
+        first = handle.tell()
+        content = handle.read(max(0, end - first))
+        if content and not content.endswith(b"\n"):
+            content += handle.readline()  # the last line runs past ``end``: it is still ours
+    return content, lines_before

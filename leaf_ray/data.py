@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -152,17 +152,7 @@ def decode_rows(content: bytes, suffix: str, source: str) -> Iterator[tuple[int,
     """(line or row number, decoded object) for one corpus file's bytes; a row that does not
     decode yields a RecordError in place of the object."""
     if suffix == ".jsonl":
-        for line_no, raw in enumerate(content.split(b"\n"), start=1):
-            if not raw.strip():
-                continue
-            try:
-                yield line_no, json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError as exc:
-                yield line_no, RecordError(f"line is not valid UTF-8: {exc.reason} at byte {exc.start}",
-                                           line=line_no, source=source)
-            except json.JSONDecodeError as exc:
-                yield line_no, RecordError(f"malformed JSON: {exc.msg} at column {exc.colno}",
-                                           line=line_no, source=source)
+        yield from decode_jsonl(content, source)
     elif suffix == ".json":
         try:
             rows = json.loads(content.decode("utf-8"))
@@ -181,13 +171,33 @@ def decode_rows(content: bytes, suffix: str, source: str) -> Iterator[tuple[int,
         except (pa.ArrowException, OSError) as exc:
             yield 0, RecordError(f"file is not a readable {suffix[1:]} file: {exc}", source=source)
             return
-        row_no = 0
-        for batch in batches:
-            for row in arrow_rows(batch, source, row_no):
-                row_no += 1
-                yield row_no, row
+        yield from decode_batches(batches, source)
     else:
         raise ValueError(f"unsupported corpus format {suffix!r} for {source}; use {SUPPORTED_SUFFIXES}")
+
+
+def decode_jsonl(content: bytes, source: str, first_line: int = 1) -> Iterator[tuple[int, Any]]:
+    """(line number, decoded object or RecordError) for JSONL bytes whose first line is ``first_line``."""
+    for line_no, raw in enumerate(content.split(b"\n"), start=first_line):
+        if not raw.strip():
+            continue
+        try:
+            yield line_no, json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            yield line_no, RecordError(f"line is not valid UTF-8: {exc.reason} at byte {exc.start}",
+                                       line=line_no, source=source)
+        except json.JSONDecodeError as exc:
+            yield line_no, RecordError(f"malformed JSON: {exc.msg} at column {exc.colno}",
+                                       line=line_no, source=source)
+
+
+def decode_batches(batches: Iterable[pa.RecordBatch], source: str, rows_before: int = 0) -> Iterator[tuple[int, Any]]:
+    """(row number, row dict or RecordError) for Arrow batches that follow ``rows_before`` rows of their file."""
+    row_no = rows_before
+    for batch in batches:
+        for row in arrow_rows(batch, source, row_no):
+            row_no += 1
+            yield row_no, row
 
 
 def arrow_rows(batch: pa.RecordBatch, source: str, first_row: int) -> Iterator[Any]:

@@ -9,16 +9,20 @@ import json
 from pathlib import Path
 
 import datasets
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import ray
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from leaf_ray.config import ColumnMapping, PipelineConfig, PruningConfig, ResourcesConfig, ScoringConfig, VerificationConfig
-from leaf_ray.corpus import check_corpus, content_id, resolve_corpus
+from leaf_ray.corpus import check_corpus, content_id, corpus_chunks, read_chunk, resolve_corpus
 from leaf_ray.data import Record, parse_record
 from leaf_ray.detection.store import read_originals, read_training_set
 from leaf_ray.detection.verification import generation_requests, select
-from leaf_ray.distributed.scoring import explode_file
+from leaf_ray.distributed.scoring import explode_chunk
 from tests.conftest import EMBEDDED
 
 GSM8K = [{"question": f"Ann has {n} apples and buys {n + 3} more.\nHow many now?",
@@ -71,9 +75,67 @@ def add_to_hub_cache(cache: Path, name: str, rows: list[dict]) -> str:
 
 def records_of(files: list[Path], columns: ColumnMapping) -> list[Record]:
     """What the scoring job's read stage makes of the files (its own function, in-process)."""
-    rows = [row for f in files for row in explode_file({"path": str(f), "bytes": f.read_bytes()}, columns.model_dump())]
+    rows = [row for chunk in corpus_chunks(files, 64 << 20) for row in explode_chunk(chunk, columns.model_dump())]
     assert all(row["error"] is None for row in rows), rows
     return [parse_record(json.loads(row["payload"])) for row in rows]
+
+
+def lines_walked(content: bytes) -> list[tuple[int, object]]:
+    """The reference for reading JSONL: walk the bytes one by one, counting newlines; each
+    non-blank line with its number and its JSON (or "error")."""
+    out, number, line = [], 1, bytearray()
+    for byte in content + b"\n":
+        if byte != ord("\n"):
+            line.append(byte)
+            continue
+        if bytes(line).strip():
+            try:
+                out.append((number, json.loads(bytes(line).decode("utf-8"))))
+            except ValueError:
+                out.append((number, "error"))
+        number, line = number + 1, bytearray()
+    return out
+
+
+def rows_read_in_pieces(path: Path, chunk_bytes: int) -> list[tuple[int, object]]:
+    return [(number, "error" if isinstance(obj, Exception) else obj)
+            for chunk in corpus_chunks([path], chunk_bytes) for number, obj in read_chunk(chunk)]
+
+
+JSONL_LINES = st.one_of(
+    st.text(alphabet=st.sampled_from("ab 7\\\"$\t\réé東🙂"), max_size=12).map(
+        lambda text: json.dumps({"t": text}, ensure_ascii=False).encode()),
+    st.sampled_from([b"", b"  ", b'{"t": "cut', b"\r", b"\xff\xfe", b'{"t": "\xc3"}']))
+
+
+@settings(max_examples=300, deadline=None)
+@given(lines=st.lists(JSONL_LINES, max_size=12), crlf=st.booleans(), last_newline=st.booleans(),
+       chunk_bytes=st.integers(1, 48))
+def test_a_jsonl_file_read_in_pieces_gives_every_line_once_with_its_number(tmp_path_factory, lines, crlf, last_newline,
+                                                                            chunk_bytes):
+    """Pieces cut anywhere (inside a line, a UTF-8 character, a CRLF) give the lines the
+    byte-by-byte walk gives, each once, numbered as in the whole file."""
+    content = (b"\r\n" if crlf else b"\n").join(lines) + (b"\n" if last_newline and lines else b"")
+    path = tmp_path_factory.mktemp("pieces") / "corpus.jsonl"
+    path.write_bytes(content)
+    assert rows_read_in_pieces(path, chunk_bytes) == lines_walked(content)
+    if len(content) > chunk_bytes:
+        assert len(corpus_chunks([path], chunk_bytes)) == -(-len(content) // chunk_bytes)
+
+
+def test_a_parquet_file_is_read_a_run_of_row_groups_at_a_time(tmp_path):
+    rows = [{"id": f"r{n}", "instruction": "x = 1\n" * n, "response": "é" * n} for n in range(10)]
+    path = tmp_path / "corpus.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=3)  # groups of 3, 3, 3, 1
+    expected = list(enumerate(pq.read_table(path).to_pylist(), start=1))
+    assert [c["row_groups"] for c in corpus_chunks([path], 1)] == [[0], [1], [2], [3]]
+    assert len(corpus_chunks([path], 64 << 20)) == 1
+    for chunk_bytes in (1, 2 * pq.read_metadata(path).row_group(0).total_byte_size, 64 << 20):
+        assert rows_read_in_pieces(path, chunk_bytes) == expected
+    broken = tmp_path / "broken.parquet"
+    broken.write_bytes(b"PAR1 not really")
+    (number, error), = rows_read_in_pieces(broken, 1)  # read whole: the file's one error row
+    assert number == 0 and error == "error"
 
 
 @pytest.fixture(scope="module")

@@ -39,7 +39,7 @@ EXTRA = 3  # records with Parquet columns JSON cannot hold (a timestamp, a decim
 def make_corpus(root: Path, good: int) -> tuple[Path, set[str]]:
     """a.jsonl: half the good records, the bad lines, then a repeat of its first id; b.parquet: the
     other half; c.parquet: EXTRA more good records with odd column types, a repeat of an id of
-    b.parquet, and a date no Python date can hold."""
+    b.parquet, and a date no Python date can hold. The Parquet files have several row groups."""
     lines = (EMBEDDED / "data" / "simple" / "distill.jsonl").read_bytes().splitlines()[:good + EXTRA]
     records = [json.loads(line) for line in lines]
     corpus = root / "corpus"
@@ -47,7 +47,7 @@ def make_corpus(root: Path, good: int) -> tuple[Path, set[str]]:
     half = good // 2
     repeat = {**records[0], "instruction": "a repeat of the first id"}
     (corpus / "a.jsonl").write_bytes(b"\n".join(lines[:half] + BAD_LINES + [json.dumps(repeat).encode()]) + b"\n")
-    pq.write_table(pa.Table.from_pylist(records[half:good]), corpus / "b.parquet")
+    pq.write_table(pa.Table.from_pylist(records[half:good]), corpus / "b.parquet", row_group_size=50)
     odd = records[good:] + [{**records[half], "instruction": "a repeat of an id of b.parquet"}, records[half + 1]]
     odd[-1] = {**odd[-1], "id": "bad-date"}
     table = pa.Table.from_pylist(odd).append_column(
@@ -55,7 +55,7 @@ def make_corpus(root: Path, good: int) -> tuple[Path, set[str]]:
         "price", pa.array([decimal.Decimal("2.50")] * len(odd), pa.decimal128(5, 2))).append_column(
         "blob", pa.array([b"\xff\x00"] * len(odd))).append_column(
         "published", pa.array([1] * (len(odd) - 1) + [2**31 - 1], pa.date32()))
-    pq.write_table(table, corpus / "c.parquet")
+    pq.write_table(table, corpus / "c.parquet", row_group_size=2)
     return corpus, {r["id"] for r in records}
 
 
@@ -67,7 +67,10 @@ def write_config(root: Path, corpus: Path, output: Path) -> Path:
     """A pipeline config whose run_dir's score/ folder is ``output``."""
     config = {"run_dir": str(output.parent), "teacher": str(EMBEDDED / "teacher"), "student": str(EMBEDDED / "student"),
               "scoring": {"corpus": str(corpus), "max_length": 96, "batch_size": 16, "num_actors": 1,
-                          "records_per_part": 32, "resources": {"num_cpus": 1}},
+                          "records_per_part": 32, "resources": {"num_cpus": 1},
+                          # pieces of a few lines or row groups: rows are read in many tasks and
+                          # still numbered as in the whole file (the errors' file:line keys)
+                          "read_chunk_bytes": 4096},
               "pruning": {"threshold": "quantile", "quantile": 0.1}}
     path = root / f"{output.parent.name}.yaml"
     path.write_text(yaml.safe_dump(config))

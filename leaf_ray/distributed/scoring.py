@@ -26,22 +26,22 @@ from ray.data.block import BlockAccessor
 from ray.data.datasource import Datasink
 
 from leaf_ray.config import ColumnMapping, PipelineConfig
-from leaf_ray.corpus import canonical_row, check_corpus
-from leaf_ray.data import RecordError, decode_rows, parse_record
+from leaf_ray.corpus import canonical_row, check_corpus, corpus_chunks, newlines_in, read_chunk
+from leaf_ray.data import RecordError, parse_record
 from leaf_ray.detection.store import done_keys, error_row, totals, write_part, write_summary
 from leaf_ray.distributed.capacity import READ_STAGE_CPUS, check_capacity
 from leaf_ray.files import claim_folder, folder_lock
 from leaf_ray.models import model_fingerprint
 
 
-def explode_file(row: dict[str, Any], columns: dict[str, Any]) -> list[dict[str, Any]]:
-    """One corpus file's bytes -> one row per record in the record schema (the column mapping
-    applied), keyed by id (or by file:line when the row has no usable id), with the record as
-    JSON text or the reason it failed to decode."""
-    source = row["path"]
+def explode_chunk(chunk: dict[str, Any], columns: dict[str, Any]) -> list[dict[str, Any]]:
+    """One corpus piece (:func:`leaf_ray.corpus.corpus_chunks`) -> one row per record in the record
+    schema (the column mapping applied), keyed by id (or by file:line when the row has no usable
+    id), with the record as JSON text or the reason it failed to decode."""
+    source = chunk["path"]
     mapping = ColumnMapping.model_validate(columns)
     out = []
-    for line, obj in decode_rows(row["bytes"], Path(source).suffix, source):
+    for line, obj in read_chunk(chunk):
         try:
             if isinstance(obj, RecordError):
                 raise obj
@@ -266,17 +266,20 @@ def run_scoring(config: PipelineConfig, response_pass: bool = False) -> dict[str
         before = totals(output)
 
         # Reading and splitting are light: a fraction of a CPU, so that they still run when the
-        # scoring actors reserve every other CPU of the node.
-        rows = ray.data.read_binary_files(files, include_paths=True, num_cpus=READ_STAGE_CPUS).flat_map(
-            explode_file, fn_kwargs={"columns": scoring.columns.model_dump(exclude_unset=True)},
+        # scoring actors reserve every other CPU of the node. A task reads one piece of a file.
+        count_newlines = ray.remote(num_cpus=READ_STAGE_CPUS)(newlines_in)
+        chunks = corpus_chunks([Path(f) for f in files], scoring.read_chunk_bytes,
+                               lambda ranges: ray.get([count_newlines.remote(*r) for r in ranges]))
+        rows = ray.data.from_items(chunks, override_num_blocks=len(chunks)).flat_map(
+            explode_chunk, fn_kwargs={"columns": scoring.columns.model_dump(exclude_unset=True)},
             num_cpus=READ_STAGE_CPUS)
         count = rows.count()
         repeated = repeated_ids(rows, files, count)
         pending = rows.flat_map(pending_rows, fn_kwargs={"finished": finished, "repeated": repeated},
                                 num_cpus=READ_STAGE_CPUS)
-        # A corpus file reads as one block and an actor pool hands out whole blocks, so a
-        # one-file corpus kept every actor but one idle. Blocks of about a batch's bytes fix
-        # that (Dataset.repartition would, but its tasks take a whole CPU the actors hold).
+        # A piece reads as one block and an actor pool hands out whole blocks, so a one-piece
+        # corpus kept every actor but one idle. Blocks of about a batch's bytes fix that
+        # (Dataset.repartition would, but its tasks take a whole CPU the actors hold).
         pending.context.target_max_block_size = max(
             4096, sum(Path(f).stat().st_size for f in files) * scoring.batch_size // max(count, 1))
         sink = ScoreStoreDatasink(output, scoring.records_per_part)
