@@ -254,6 +254,7 @@ def test_the_teacher_cache_job_is_idempotent_resumable_and_tied_to_what_built_it
     (folder / "logits" / ".tmp-999-part-x.parquet").write_bytes(b"cut short")
     resumed = run_teacher_cache(cache_pipeline, scored.data_dir)
     assert resumed["this_run"]["records"] == len(lost_keys) < len(records)
+    assert resumed["this_run"]["skipped_as_done"] == len(records) - len(lost_keys)
     assert all(path.stat().st_mtime_ns == mtime for path, mtime in markers.items() if path != lost)
     assert not list((folder / "logits").glob(".tmp-*"))
     rebuilt = TeacherCache(folder).read_all()
@@ -291,3 +292,26 @@ def test_ray_train_from_the_cache_never_loads_the_teacher_resumes_and_exports(sc
     model, tokenizer = AutoModelForCausalLM.from_pretrained(export), AutoTokenizer.from_pretrained(export)
     pair = read_training_set(Path(scored.data_dir))[0]
     assert greedy_generate(model, tokenizer, [pair.original.instruction], max_new_tokens=4)[0].strip()
+
+
+def test_a_resumed_job_finds_its_done_rows_on_the_cluster_as_a_set_would(scored, tmp_path):
+    """The done rows of a resumed job come from a Ray Data group-by of the markers' keys with the
+    rows' keys (the driver never holds them): the same rows a set of the markers' keys picks, in
+    any source, with marker keys that no row has and rows that no marker has."""
+    from leaf_ray.distributed.resume import SOURCE_SHIFT, is_done, write_done_positions
+
+    rows = [{"key": f"id-{n * 7919 % 1000}", "position": (n % 3) << SOURCE_SHIFT | n} for n in range(1000)]
+    markers = []
+    for index, keys in enumerate([[f"id-{n}" for n in range(0, 400, 3)], [f"id-{n}" for n in range(500, 520)],
+                                  [f"gone-{n}" for n in range(50)]]):
+        markers.append(tmp_path / f"part-{index}.json")
+        markers[-1].write_text(json.dumps({"keys": keys}))
+    finished = {key for path in markers for key in json.loads(path.read_text())["keys"]}
+    expected = sorted(row["position"] for row in rows if row["key"] in finished)
+
+    run, skipped = write_done_positions(ray.data.from_items(rows), len(rows), 3, markers, tmp_path / "_resume")
+    positions = np.array([row["position"] for row in rows])
+    assert sorted(positions[is_done(positions, run)].tolist()) == expected and skipped == len(expected) > 100
+
+    run, skipped = write_done_positions(ray.data.from_items(rows), len(rows), 3, [], tmp_path / "_resume")
+    assert skipped == 0 and not is_done(positions, run).any()

@@ -107,8 +107,9 @@ def write_batch(root: Path, keys: list[str], scores: list[dict[str, Any]], origi
     return name
 
 
-def done_keys(root: Path, folders=tuple(OUTPUTS)) -> set[str]:
-    """Keys of finished batches; removes parts (in ``folders``) and temp files that no marker vouches for."""
+def finished_markers(root: Path, folders=tuple(OUTPUTS)) -> list[Path]:
+    """The markers of finished parts (each lists its keys); removes parts (in ``folders``) and
+    temp files that no marker vouches for."""
     markers = {p.stem for p in (root / "_done").glob("*.json")}
     for folder in folders:
         for path in (root / folder).glob("*"):
@@ -117,10 +118,7 @@ def done_keys(root: Path, folders=tuple(OUTPUTS)) -> set[str]:
                 path.unlink()
     for tmp in (root / "_done").glob(".tmp-*"):
         tmp.unlink()
-    keys: set[str] = set()
-    for path in (root / "_done").glob("*.json"):
-        keys.update(json.loads(path.read_text())["keys"])
-    return keys
+    return sorted((root / "_done").glob("*.json"))
 
 
 def totals(root: Path) -> dict[str, float]:

@@ -14,12 +14,14 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
 import socket
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import ray
 from ray.data.aggregate import Count, Min
 from ray.data.block import BlockAccessor
@@ -28,8 +30,9 @@ from ray.data.datasource import Datasink
 from leaf_ray.config import ColumnMapping, PipelineConfig
 from leaf_ray.corpus import canonical_row, check_corpus, corpus_chunks, newlines_in, read_chunk
 from leaf_ray.data import RecordError, parse_record
-from leaf_ray.detection.store import done_keys, error_row, totals, write_part, write_summary
+from leaf_ray.detection.store import error_row, finished_markers, totals, write_part, write_summary
 from leaf_ray.distributed.capacity import READ_STAGE_CPUS, check_capacity
+from leaf_ray.distributed.resume import KEYS_PER_PARTITION, RESUME_FOLDER, SOURCE_SHIFT, is_done, write_done_positions
 from leaf_ray.files import claim_folder, folder_lock
 from leaf_ray.models import model_fingerprint
 
@@ -66,39 +69,50 @@ def is_readable(error: Any) -> bool:
     return not isinstance(error, str)
 
 
-ROWS_PER_ID_PARTITION = 100_000  # Ray's default of 200 hash partitions takes seconds on a small corpus
+def row_positions(batch: dict[str, np.ndarray], order: dict[str, int]) -> np.ndarray:
+    """Where each row is: its file's index in corpus order, then its line (a resume position)."""
+    file_index = np.array([order[str(source)] for source in batch["source"]], dtype=np.int64)
+    return file_index << SOURCE_SHIFT | batch["line"].astype(np.int64)
 
 
 def repeated_ids(rows: ray.data.Dataset, files: list[str], count: int) -> dict[str, tuple[str, int]]:
     """Every id that more than one readable row has -> where its first row is (files in corpus
     order, then lines in file order): (file, line). Grouped on the cluster (Ray Data's shuffle by
-    id, a partition per :data:`ROWS_PER_ID_PARTITION` of the ``count`` rows), so the driver
+    id, a partition per :data:`KEYS_PER_PARTITION` of the ``count`` rows), so the driver
     receives the repeated ids only, never every id."""
     order = {path: index for index, path in enumerate(files)}
 
     def positions(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         readable = np.array([is_readable(error) for error in batch["error"]], dtype=bool)
-        file_index = np.array([order[str(source)] for source in batch["source"]], dtype=np.int64)
-        position = file_index << 32 | batch["line"].astype(np.int64)
-        return {"key": batch["key"][readable], "position": position[readable]}
+        return {"key": batch["key"][readable], "position": row_positions(batch, order)[readable]}
 
     grouped = rows.map_batches(positions, batch_format="numpy", num_cpus=READ_STAGE_CPUS).groupby(
-        "key", num_partitions=max(1, count // ROWS_PER_ID_PARTITION)).aggregate(
+        "key", num_partitions=max(1, count // KEYS_PER_PARTITION)).aggregate(
         Count(alias_name="rows"), Min("position", alias_name="first"))
     repeated = {}
     for row in grouped.filter(lambda row: row["rows"] > 1).iter_rows():
-        file, line = divmod(int(row["first"]), 1 << 32)
+        file, line = divmod(int(row["first"]), 1 << SOURCE_SHIFT)
         repeated[row["key"]] = (files[file], line)
     return repeated
 
 
-def pending_rows(row: dict[str, Any], finished: set[str], repeated: dict[str, tuple[str, int]]) -> list[dict[str, Any]]:
-    """A row still to do: none if a finished batch has its key; an error row if an earlier row
-    has its id (:func:`repeated_ids`)."""
+def with_repeats_as_errors(row: dict[str, Any], repeated: dict[str, tuple[str, int]]) -> dict[str, Any]:
+    """An error row, keyed by where it is, for a row whose id an earlier row has (:func:`repeated_ids`)."""
     first = repeated.get(row["key"]) if is_readable(row["error"]) else None
     if first is not None and (row["source"], row["line"]) != first:
-        row = error_at(row["source"], row["line"], f"duplicate id {row['key']!r}, first at {first[0]}:{first[1]}")
-    return [] if row["key"] in finished else [row]
+        return error_at(row["source"], row["line"], f"duplicate id {row['key']!r}, first at {first[0]}:{first[1]}")
+    return row
+
+
+def keyed_positions(batch: dict[str, np.ndarray], order: dict[str, int]) -> dict[str, np.ndarray]:
+    return {"key": batch["key"], "position": row_positions(batch, order)}
+
+
+def without_done(batch: pa.Table, order: dict[str, int], run: str) -> pa.Table:
+    """The rows of a batch that no finished part holds (:mod:`leaf_ray.distributed.resume`).
+    Filtered as Arrow: a numpy batch whose errors are all None would come back as floats."""
+    where = {column: batch[column].to_numpy() for column in ("source", "line")}
+    return batch.filter(pa.array(~is_done(row_positions(where, order), run)))
 
 
 class PrepareActor:
@@ -262,7 +276,7 @@ def run_scoring(config: PipelineConfig, response_pass: bool = False) -> dict[str
         claim_folder(output, scoring_fingerprint(config))
         check_capacity(scoring.resources.bundle(), scoring.num_actors, "scoring.resources / scoring.num_actors",
                        extra={"CPU": READ_STAGE_CPUS + scoring.cpu_stage_cpus * 2 * scoring.cpu_actors})
-        finished = done_keys(output)
+        markers = finished_markers(output)
         before = totals(output)
 
         # Reading and splitting are light: a fraction of a CPU, so that they still run when the
@@ -275,8 +289,13 @@ def run_scoring(config: PipelineConfig, response_pass: bool = False) -> dict[str
             num_cpus=READ_STAGE_CPUS)
         count = rows.count()
         repeated = repeated_ids(rows, files, count)
-        pending = rows.flat_map(pending_rows, fn_kwargs={"finished": finished, "repeated": repeated},
-                                num_cpus=READ_STAGE_CPUS)
+        keyed = rows.map(with_repeats_as_errors, fn_kwargs={"repeated": repeated}, num_cpus=READ_STAGE_CPUS)
+        order = {path: index for index, path in enumerate(files)}
+        run, skipped = write_done_positions(
+            keyed.map_batches(keyed_positions, fn_kwargs={"order": order}, batch_format="numpy",
+                              num_cpus=READ_STAGE_CPUS), count, len(files), markers, output / RESUME_FOLDER)
+        pending = keyed if not skipped else keyed.map_batches(
+            without_done, fn_kwargs={"order": order, "run": run}, batch_format="pyarrow", num_cpus=READ_STAGE_CPUS)
         # A piece reads as one block and an actor pool hands out whole blocks, so a one-piece
         # corpus kept every actor but one idle. Blocks of about a batch's bytes fix that
         # (Dataset.repartition would, but its tasks take a whole CPU the actors hold).
@@ -300,5 +319,6 @@ def run_scoring(config: PipelineConfig, response_pass: bool = False) -> dict[str
         ).map_batches(
             PruneActor, **cpu_stage,
         ).write_datasink(sink, ray_remote_args={"num_cpus": READ_STAGE_CPUS})
-        return write_summary(output, before, time.perf_counter() - started, sink.written, len(finished),
+        shutil.rmtree(output / RESUME_FOLDER)
+        return write_summary(output, before, time.perf_counter() - started, sink.written, skipped,
                              model_stage_share(sink.model_batches))

@@ -4,8 +4,8 @@
     -> TeacherCacheActor (holds the teacher): top-k rows, as Arrow tables
     -> CacheDatasink: Parquet parts of ``records_per_part`` records, a row group a batch, and a marker each
 
-The driver holds the training set's part names and, when resuming, the keys already cached:
-never a record. A part counts as done only when its marker exists, so a killed job resumes
+The driver holds the training set's part names: never a record nor a key (a resumed job finds
+the records already cached on the cluster, :mod:`leaf_ray.distributed.resume`). A part counts as done only when its marker exists, so a killed job resumes
 where it stopped and a rerun on a finished cache does nothing. On a GPU cluster the actors run
 on the inference nodes and the Ray Train workers never load the teacher.
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import time
 from pathlib import Path
@@ -28,7 +29,7 @@ from ray.data.block import BlockAccessor
 
 from leaf_ray.config import PipelineConfig
 from leaf_ray.data import Record
-from leaf_ray.detection.store import batch_name, done_keys, training_set_manifest, training_set_parts
+from leaf_ray.detection.store import batch_name, finished_markers, training_set_manifest, training_set_parts
 from leaf_ray.distillation.teacher_cache import (
     BYTES_PER_ID,
     BYTES_PER_LOGPROB,
@@ -41,16 +42,31 @@ from leaf_ray.distillation.teacher_cache import (
     write_part,
 )
 from leaf_ray.distributed.capacity import check_capacity
+from leaf_ray.distributed.resume import RESUME_FOLDER, SOURCE_SHIFT, is_done, write_done_positions
 from leaf_ray.files import claim_folder, folder_lock, write_atomically, write_text_atomically
 from leaf_ray.models import load_model, model_fingerprint, shared_vocab_of
 
 READ_CPUS = 0.25  # reading a part's records is light; it must run beside actors that hold every other CPU
 
 
-def pending_records(row: dict[str, Any], training_set: str, finished: set[str]) -> list[dict[str, str]]:
-    """The records of one training-set part that the cache lacks, as JSON rows."""
+def positioned_records(row: dict[str, Any], training_set: str) -> tuple[list[tuple[str, Record]], np.ndarray]:
+    """One training-set part's records in key order, and their resume positions."""
+    records = sorted(part_records(Path(training_set), row["part"]).items())
+    return records, row["index"] << SOURCE_SHIFT | np.arange(len(records), dtype=np.int64)
+
+
+def part_keys(row: dict[str, Any], training_set: str) -> list[dict[str, Any]]:
+    records, positions = positioned_records(row, training_set)
+    return [{"key": key, "position": int(at)} for (key, _), at in zip(records, positions)]
+
+
+def pending_records(row: dict[str, Any], training_set: str, run: str | None) -> list[dict[str, str]]:
+    """The records of one training-set part that the cache lacks, as JSON rows (``run``: the
+    done positions of a resumed job, :mod:`leaf_ray.distributed.resume`)."""
+    records, positions = positioned_records(row, training_set)
+    done = is_done(positions, run) if run else np.zeros(len(records), dtype=bool)
     return [{"key": key, "record": json.dumps(record.to_dict(), ensure_ascii=False)}
-            for key, record in sorted(part_records(Path(training_set), row["part"]).items()) if key not in finished]
+            for (key, record), skip in zip(records, done) if not skip]
 
 
 class TeacherCacheActor:
@@ -144,12 +160,17 @@ def run_teacher_cache(config: PipelineConfig, training_set: str | Path) -> dict[
                 summary["this_run"] = {"records": 0, "wall_s": round(time.perf_counter() - started, 2)}
                 return summary
             summary_path.unlink()  # the set changed, or a part was lost: finish it anew
-        finished = done_keys(output, folders=("logits",))
+        markers = finished_markers(output, folders=("logits",))
         check_capacity(cache.resources.bundle(), cache.num_actors, "teacher_cache.resources / teacher_cache.num_actors",
                        extra={"CPU": READ_CPUS})
         sink = CacheDatasink(output, cache.records_per_part, cache.batch_size)
-        pending = ray.data.from_items([{"part": part} for part in parts], override_num_blocks=len(parts)).flat_map(
-            pending_records, fn_kwargs={"training_set": str(training_set), "finished": finished}, num_cpus=READ_CPUS)
+        part_rows = ray.data.from_items([{"part": part, "index": index} for index, part in enumerate(parts)],
+                                        override_num_blocks=len(parts))
+        run, skipped = write_done_positions(
+            part_rows.flat_map(part_keys, fn_kwargs={"training_set": str(training_set)}, num_cpus=READ_CPUS),
+            2 * manifest["pairs"], len(parts), markers, output / RESUME_FOLDER)  # about 2 records a pair
+        pending = part_rows.flat_map(pending_records, fn_kwargs={"training_set": str(training_set),
+                                                                 "run": run if skipped else None}, num_cpus=READ_CPUS)
         # A training-set part's records come out as one block, and an actor pool hands out whole
         # blocks: blocks of about a batch's bytes keep every actor busy on a set of few parts.
         pair_bytes = sum(f["bytes"] for f in manifest["files"]) / max(manifest["pairs"], 1)
@@ -162,6 +183,7 @@ def run_teacher_cache(config: PipelineConfig, training_set: str | Path) -> dict[
             num_cpus=cache.resources.num_cpus,
             num_gpus=cache.resources.num_gpus,
         ).write_datasink(sink, ray_remote_args={"num_cpus": READ_CPUS})
+        shutil.rmtree(output / RESUME_FOLDER)
         markers = [json.loads(path.read_text()) for path in (output / "_done").glob("*.json")]
         positions = sum(m["positions"] for m in markers)
         stored = sum(path.stat().st_size for path in (output / "logits").glob("part-*.parquet"))
@@ -169,7 +191,7 @@ def run_teacher_cache(config: PipelineConfig, training_set: str | Path) -> dict[
                    "bytes": stored, "bytes_per_position": round(stored / max(positions, 1), 1),
                    "raw_bytes_per_position": cache.top_k * (BYTES_PER_ID + BYTES_PER_LOGPROB) + BYTES_PER_TAIL,
                    "parts": len(markers), "training_set": digest,
-                   "this_run": {"records": sink.written, "skipped_as_done": len(finished),
+                   "this_run": {"records": sink.written, "skipped_as_done": skipped,
                                 "wall_s": round(time.perf_counter() - started, 2)}}
         write_text_atomically(summary_path, json.dumps(summary, indent=2) + "\n")
         return summary
