@@ -30,8 +30,16 @@ on a fresh local cluster builds the random control's training set from it and gr
 detection, and records its own VmHWM, the largest VmHWM of a Ray task worker
 (`task_worker_peak_rss_mb`), the object store's peak, each pass's wall time and the files.
 
+Then the scoring job's front half, without its models (`rows_to_score` in
+`leaf_ray.distributed.scoring`): at each size a one-file JSONL corpus of the embedded records
+under numbered ids, with 100 repeated ids at its end, and finished parts' markers that list
+the first half of the ids. A fresh driver on a fresh local cluster reads it, finds the repeated
+ids and the done rows, and counts the rows left, once in the default 64 MiB pieces (`chunks`)
+and once as one piece (`whole`, how the build before pieces read a file), and records the
+same memory figures and the wall time.
+
 Each size's measurement is one child process (`--one SIZE`), so nothing carries over.
-`--stages distill,store` picks what runs; a run of one stage keeps the other's figures.
+`--stages distill,store,read` picks what runs; a run of some stages keeps the others' figures.
 Writes benchmarks/results/scale.json with each size and the ratios to the smallest.
 """
 
@@ -208,6 +216,64 @@ def measure_store_passes(size: int, work: Path) -> dict:
             "clause_f1": round(graded["clause"]["f1"], 3)}
 
 
+CORPUS_REPEATS = 100  # records at the corpus's end that repeat an earlier id
+MARKER_KEYS = 10_000  # keys a finished part's marker lists (the scoring job's records_per_part)
+
+
+def build_corpus(folder: Path, size: int) -> dict:
+    """A one-file JSONL corpus of ``size`` records (the embedded records under numbered ids, then
+    :data:`CORPUS_REPEATS` repeats of earlier ids) and a score folder whose finished parts'
+    markers list the first half of the ids, unless already there."""
+    corpus, markers = folder / "corpus.jsonl", folder / "score" / "_done"
+    if not markers.exists():
+        started = time.perf_counter()
+        lines = [json.loads(line) for line in (EMBEDDED / "data" / "simple" / "distill.jsonl").read_text().splitlines()]
+        folder.mkdir(parents=True, exist_ok=True)
+        with corpus.open("w") as out:
+            for index in [*range(size), *range(CORPUS_REPEATS)]:
+                out.write(json.dumps({**lines[index % len(lines)], "id": f"scale-{index:08d}"}) + "\n")
+        markers.mkdir(parents=True)
+        for part, lo in enumerate(range(0, size // 2, MARKER_KEYS)):
+            keys = [f"scale-{index:08d}" for index in range(lo, min(size // 2, lo + MARKER_KEYS))]
+            (markers / f"{part:05d}.json").write_text(json.dumps({"keys": keys}))
+        print(f"[bench_scale] wrote a corpus of {size} records in {time.perf_counter() - started:.1f} s", flush=True)
+    return {"corpus_mb": round(corpus.stat().st_size / 2**20, 1), "markers": len(list(markers.glob("*.json")))}
+
+
+def measure_reading(size: int, pieces: str, work: Path) -> dict:
+    """The scoring job's reading, duplicate ids and resume (``rows_to_score``, no model) over one
+    size's corpus, in this (fresh) process on its own local cluster. ``pieces``: ``chunks`` reads
+    in the default pieces of 64 MiB; ``whole`` makes the file one piece, as the build before
+    pieces read it (a task per file)."""
+    import ray
+
+    from leaf_ray.config import ScoringConfig
+    from leaf_ray.distributed.scoring import rows_to_score
+
+    folder = work / f"corpus-{size}"
+    corpus = folder / "corpus.jsonl"
+    scoring = ScoringConfig(corpus=str(corpus), **({"read_chunk_bytes": corpus.stat().st_size + 1}
+                                                   if pieces == "whole" else {}))
+    ray.init(num_cpus=4, include_dashboard=False, object_store_memory=2 * 2**30)
+    poller = Poller(b"ray::")
+    poller.start()
+    started = time.perf_counter()
+    pending, count, skipped = rows_to_score([str(corpus)], scoring, sorted((folder / "score" / "_done").glob("*.json")),
+                                            work / f"resume-{size}")
+    left = pending.count()
+    wall = time.perf_counter() - started
+    poller.done.set()
+    poller.join()
+    ray.shutdown()
+    assert (count, skipped, left) == (size + CORPUS_REPEATS, size // 2, size - size // 2 + CORPUS_REPEATS), \
+        (count, skipped, left)
+    return {"records": size, "pieces": pieces, "read_chunk_bytes": scoring.read_chunk_bytes,
+            "rows": count, "skipped_as_done": skipped, "pending": left,
+            "driver_peak_rss_mb": round(vm_hwm_mb("self"), 1),
+            "task_worker_peak_rss_mb": round(max(poller.workers.values(), default=0.0), 1),
+            "object_store_peak_mb": round(poller.store_peak / 2**20, 1), "wall_s": round(wall, 2)}
+
+
 def vm_hwm_mb(pid: int | str) -> float:
     match = re.search(r"VmHWM:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text())
     return int(match.group(1)) / 1024
@@ -329,11 +395,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", default="10000,100000,1000000")
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--stages", default="distill,store", help="distill, store or both")
+    parser.add_argument("--stages", default="distill,store,read", help="any of distill, store, read")
     parser.add_argument("--work-dir", default="/tmp/leaf-ray-bench-scale")
     parser.add_argument("--one", type=int, help="measure this size's distillation in this process; print its JSON")
     parser.add_argument("--one-store", type=int, help="measure this size's store passes in this process")
     parser.add_argument("--teacher", choices=["online", "cache"], default="online", help="with --one")
+    parser.add_argument("--one-read", type=int, help="measure this size's reading and resume in this process")
+    parser.add_argument("--pieces", choices=["chunks", "whole"], default="chunks", help="with --one-read")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "scale.json"))
     args = parser.parse_args()
     work = Path(args.work_dir)
@@ -342,6 +410,9 @@ def main() -> None:
         return
     if args.one_store is not None:
         print("RESULT " + json.dumps(measure_store_passes(args.one_store, work)), flush=True)
+        return
+    if args.one_read is not None:
+        print("RESULT " + json.dumps(measure_reading(args.one_read, args.pieces, work)), flush=True)
         return
 
     sizes, stages = [int(s) for s in args.sizes.split(",")], args.stages.split(",")
@@ -385,9 +456,30 @@ def main() -> None:
                       for key, limit in STORE_GOALS.items()} | {"store_files at 1M records": "<= 1000"},
             "goals_met": met | ({"store_files at 1M records": results[-1]["store_files"] <= 1000}
                                 if results[-1]["records"] >= 1_000_000 else {})}
+    if "read" in stages:
+        results = []
+        for size in sizes:
+            written = build_corpus(work / f"corpus-{size}", size)
+            for pieces in ("chunks", "whole"):
+                results.append({**run_child("--one-read", str(size), "--pieces", pieces, "--work-dir", str(work)),
+                                **written})
+                print(f"[bench_scale] {results[-1]}", flush=True)
+        by_size, met = ratios(results, STORE_GOALS, group="pieces")
+        report["reading"] = {
+            "benchmark": "the scoring job's reading, duplicate ids and resume (rows_to_score, no model) over a "
+                         "one-file JSONL corpus with half its records done, by its size; in 64 MiB pieces "
+                         "(chunks) and as one piece (whole: how the build before pieces read a file)",
+            "build": build(),
+            "setup": {"repeated_ids": CORPUS_REPEATS, "done": "the first half of the ids, in markers of "
+                      f"{MARKER_KEYS} keys", "cluster": "local, 4 CPUs", "machine_cpus": os.cpu_count()},
+            "sizes": results, "ratios_to_smallest": by_size,
+            "goals": {f"{key} at the largest size / at the smallest": f"<= {limit}"
+                      for key, limit in STORE_GOALS.items()},
+            "goals_met": met}
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps({"distillation": report.get("ratios_to_smallest"),
-                      "store_passes": report.get("store_passes", {}).get("ratios_to_smallest")}, indent=2))
+                      "store_passes": report.get("store_passes", {}).get("ratios_to_smallest"),
+                      "reading": report.get("reading", {}).get("ratios_to_smallest")}, indent=2))
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from ray.data.aggregate import Count, Min
 from ray.data.block import BlockAccessor
 from ray.data.datasource import Datasink
 
-from leaf_ray.config import ColumnMapping, PipelineConfig
+from leaf_ray.config import ColumnMapping, PipelineConfig, ScoringConfig
 from leaf_ray.corpus import canonical_row, check_corpus, corpus_chunks, newlines_in, read_chunk
 from leaf_ray.data import RecordError, parse_record
 from leaf_ray.detection.store import error_row, finished_markers, totals, write_part, write_summary
@@ -113,6 +113,31 @@ def without_done(batch: pa.Table, order: dict[str, int], run: str) -> pa.Table:
     Filtered as Arrow: a numpy batch whose errors are all None would come back as floats."""
     where = {column: batch[column].to_numpy() for column in ("source", "line")}
     return batch.filter(pa.array(~is_done(row_positions(where, order), run)))
+
+
+def rows_to_score(files: list[str], scoring: ScoringConfig, markers: list[Path],
+                  resume: Path) -> tuple[ray.data.Dataset, int, int]:
+    """The corpus rows a run has still to score, as a dataset; how many rows the corpus has; how
+    many of them finished parts (``markers``) hold. The corpus is read in pieces, a row whose id
+    an earlier row has becomes an error row, and done rows are dropped (their positions written
+    under ``resume``). Light tasks only: a fraction of a CPU each, so that they still run when
+    the scoring actors reserve every other CPU of the node."""
+    count_newlines = ray.remote(num_cpus=READ_STAGE_CPUS)(newlines_in)
+    chunks = corpus_chunks([Path(f) for f in files], scoring.read_chunk_bytes,
+                           lambda ranges: ray.get([count_newlines.remote(*r) for r in ranges]))
+    rows = ray.data.from_items(chunks, override_num_blocks=len(chunks)).flat_map(
+        explode_chunk, fn_kwargs={"columns": scoring.columns.model_dump(exclude_unset=True)},
+        num_cpus=READ_STAGE_CPUS)
+    count = rows.count()
+    repeated = repeated_ids(rows, files, count)
+    keyed = rows.map(with_repeats_as_errors, fn_kwargs={"repeated": repeated}, num_cpus=READ_STAGE_CPUS)
+    order = {path: index for index, path in enumerate(files)}
+    run, skipped = write_done_positions(
+        keyed.map_batches(keyed_positions, fn_kwargs={"order": order}, batch_format="numpy",
+                          num_cpus=READ_STAGE_CPUS), count, len(files), markers, resume)
+    pending = keyed if not skipped else keyed.map_batches(
+        without_done, fn_kwargs={"order": order, "run": run}, batch_format="pyarrow", num_cpus=READ_STAGE_CPUS)
+    return pending, count, skipped
 
 
 class PrepareActor:
@@ -279,23 +304,7 @@ def run_scoring(config: PipelineConfig, response_pass: bool = False) -> dict[str
         markers = finished_markers(output)
         before = totals(output)
 
-        # Reading and splitting are light: a fraction of a CPU, so that they still run when the
-        # scoring actors reserve every other CPU of the node. A task reads one piece of a file.
-        count_newlines = ray.remote(num_cpus=READ_STAGE_CPUS)(newlines_in)
-        chunks = corpus_chunks([Path(f) for f in files], scoring.read_chunk_bytes,
-                               lambda ranges: ray.get([count_newlines.remote(*r) for r in ranges]))
-        rows = ray.data.from_items(chunks, override_num_blocks=len(chunks)).flat_map(
-            explode_chunk, fn_kwargs={"columns": scoring.columns.model_dump(exclude_unset=True)},
-            num_cpus=READ_STAGE_CPUS)
-        count = rows.count()
-        repeated = repeated_ids(rows, files, count)
-        keyed = rows.map(with_repeats_as_errors, fn_kwargs={"repeated": repeated}, num_cpus=READ_STAGE_CPUS)
-        order = {path: index for index, path in enumerate(files)}
-        run, skipped = write_done_positions(
-            keyed.map_batches(keyed_positions, fn_kwargs={"order": order}, batch_format="numpy",
-                              num_cpus=READ_STAGE_CPUS), count, len(files), markers, output / RESUME_FOLDER)
-        pending = keyed if not skipped else keyed.map_batches(
-            without_done, fn_kwargs={"order": order, "run": run}, batch_format="pyarrow", num_cpus=READ_STAGE_CPUS)
+        pending, count, skipped = rows_to_score(files, scoring, markers, output / RESUME_FOLDER)
         # A piece reads as one block and an actor pool hands out whole blocks, so a one-piece
         # corpus kept every actor but one idle. Blocks of about a batch's bytes fix that
         # (Dataset.repartition would, but its tasks take a whole CPU the actors hold).
