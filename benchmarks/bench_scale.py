@@ -34,7 +34,7 @@ Then the scoring job's front half, without its models (`rows_to_score` in
 `leaf_ray.distributed.scoring`): at each size a one-file JSONL corpus of the embedded records
 under numbered ids, with 100 repeated ids at its end, and finished parts' markers that list
 the first half of the ids. A fresh driver on a fresh local cluster reads it, finds the repeated
-ids and the done rows, and counts the rows left, once in the default 64 MiB pieces (`chunks`)
+ids and the done rows, and counts the rows left, once in the default 16 MiB pieces (`chunks`)
 and once as one piece (`whole`, how the build before pieces read a file), and records the
 same memory figures and the wall time.
 
@@ -243,7 +243,7 @@ def build_corpus(folder: Path, size: int) -> dict:
 def measure_reading(size: int, pieces: str, work: Path) -> dict:
     """The scoring job's reading, duplicate ids and resume (``rows_to_score``, no model) over one
     size's corpus, in this (fresh) process on its own local cluster. ``pieces``: ``chunks`` reads
-    in the default pieces of 64 MiB; ``whole`` makes the file one piece, as the build before
+    in the default pieces of 16 MiB; ``whole`` makes the file one piece, as the build before
     pieces read it (a task per file)."""
     import ray
 
@@ -467,7 +467,7 @@ def main() -> None:
         by_size, met = ratios(results, STORE_GOALS, group="pieces")
         report["reading"] = {
             "benchmark": "the scoring job's reading, duplicate ids and resume (rows_to_score, no model) over a "
-                         "one-file JSONL corpus with half its records done, by its size; in 64 MiB pieces "
+                         "one-file JSONL corpus with half its records done, by its size; in 16 MiB pieces "
                          "(chunks) and as one piece (whole: how the build before pieces read a file)",
             "build": build(),
             "setup": {"repeated_ids": CORPUS_REPEATS, "done": "the first half of the ids, in markers of "

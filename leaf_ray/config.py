@@ -107,7 +107,8 @@ class ScoringConfig(StageConfig):
                                                  "and prunes after it.")
     cpu_stage_cpus: float = Field(0.25, gt=0, description="CPUs each CPU-stage actor reserves.")
     batch_size: int = Field(64, ge=1, description="Records per Ray Data batch handed to each stage.")
-    read_chunk_bytes: int = Field(64 << 20, ge=1, description="Corpus bytes per read task: a JSONL file is split "
+    read_chunk_bytes: int = Field(16 << 20, ge=1, description="Corpus bytes per read task (its memory grows "
+                                  "with its piece): a JSONL file is split "
                                   "into byte ranges at line starts, a Parquet file into runs of row groups; a JSON "
                                   "array or an Arrow file is read whole.")
     records_per_part: int = Field(10_000, ge=1, description="Records per part of the score store (five "

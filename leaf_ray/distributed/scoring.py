@@ -18,7 +18,7 @@ import shutil
 import socket
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -37,25 +37,24 @@ from leaf_ray.files import claim_folder, folder_lock
 from leaf_ray.models import model_fingerprint
 
 
-def explode_chunk(chunk: dict[str, Any], columns: dict[str, Any]) -> list[dict[str, Any]]:
+def explode_chunk(chunk: dict[str, Any], columns: dict[str, Any]) -> Iterator[dict[str, Any]]:
     """One corpus piece (:func:`leaf_ray.corpus.corpus_chunks`) -> one row per record in the record
     schema (the column mapping applied), keyed by id (or by file:line when the row has no usable
-    id), with the record as JSON text or the reason it failed to decode."""
+    id), with the record as JSON text or the reason it failed to decode. A generator: Ray Data
+    cuts its rows into blocks as they come."""
     source = chunk["path"]
     mapping = ColumnMapping.model_validate(columns)
-    out = []
     for line, obj in read_chunk(chunk):
         try:
             if isinstance(obj, RecordError):
                 raise obj
             obj = canonical_row(obj, mapping)
         except RecordError as exc:
-            out.append(error_at(source, line, exc.reason))
+            yield error_at(source, line, exc.reason)
             continue
         has_id = isinstance(obj.get("id"), (str, int)) and str(obj.get("id")).strip()
         key = str(obj["id"]) if has_id else f"{source}:{line}"
-        out.append({"key": key, "source": source, "line": line, "payload": json.dumps(obj), "error": None})
-    return out
+        yield {"key": key, "source": source, "line": line, "payload": json.dumps(obj), "error": None}
 
 
 def error_at(source: str, line: int, reason: str) -> dict[str, Any]:
