@@ -48,7 +48,7 @@ stop:
 
 # RAY_ADDRESS=local: the tests start their own clusters even when `make demo` left one running.
 test: $(STAMP)
-	RAY_ADDRESS=local $(PY) -m pytest tests
+	RAY_ADDRESS=local $(PY) -m pytest tests --durations=20
 
 # Throughput benchmarks: baseline and ours side by side, JSON into benchmarks/results/.
 bench: $(STAMP)
