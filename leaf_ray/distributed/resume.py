@@ -38,9 +38,10 @@ def marker_keys(row: dict[str, Any]) -> list[dict[str, Any]]:
 def write_done_positions(keyed: ray.data.Dataset, rows: int, sources: int, markers: list[Path],
                          folder: Path) -> tuple[str, int]:
     """``keyed`` holds every row's ``key`` and ``position`` (about ``rows`` rows from ``sources``
-    sources); ``markers`` are the finished parts' markers (JSON with a ``keys`` list). Writes the positions of the rows whose key a marker lists under a
-    new subfolder of ``folder``, an array per source; returns that subfolder (a new one each run,
-    so that a worker never reuses another run's arrays) and how many rows are done."""
+    sources); ``markers`` are the finished parts' markers (JSON with a ``keys`` list). Writes the
+    positions of the rows whose key a marker lists under a new subfolder of ``folder``, an array
+    per source; returns that subfolder (a new one each run, so that a worker never reuses another
+    run's arrays) and how many rows are done."""
     shutil.rmtree(folder, ignore_errors=True)
     run = folder / uuid.uuid4().hex
     run.mkdir(parents=True)
@@ -51,8 +52,9 @@ def write_done_positions(keyed: ray.data.Dataset, rows: int, sources: int, marke
     grouped = keyed.union(finished).groupby("key", num_partitions=max(1, rows // KEYS_PER_PARTITION)).aggregate(
         Min("position", alias_name="first"), Max("position", alias_name="position"))
     done = grouped.filter(lambda row: row["first"] == MARKER and row["position"] != MARKER)
-    written = done.map_batches(lambda batch: {"source": batch["position"] >> SOURCE_SHIFT, **batch},
-                               batch_format="numpy", num_cpus=READ_STAGE_CPUS).groupby("source", num_partitions=min(sources, 16)).map_groups(
+    by_source = done.map_batches(lambda batch: {"source": batch["position"] >> SOURCE_SHIFT, **batch},
+                                 batch_format="numpy", num_cpus=READ_STAGE_CPUS)
+    written = by_source.groupby("source", num_partitions=min(sources, 16)).map_groups(
         functools.partial(write_source_positions, folder=run), batch_format="numpy", num_cpus=READ_STAGE_CPUS)
     return str(run), sum(int(row["rows"]) for row in written.iter_rows())
 

@@ -5,8 +5,9 @@
     -> CacheDatasink: Parquet parts of ``records_per_part`` records, a row group a batch, and a marker each
 
 The driver holds the training set's part names: never a record nor a key (a resumed job finds
-the records already cached on the cluster, :mod:`leaf_ray.distributed.resume`). A part counts as done only when its marker exists, so a killed job resumes
-where it stopped and a rerun on a finished cache does nothing. On a GPU cluster the actors run
+the records already cached on the cluster, :mod:`leaf_ray.distributed.resume`). A part counts as
+done only when its marker exists, so a killed job resumes where it stopped and a rerun on a
+finished cache does nothing. On a GPU cluster the actors run
 on the inference nodes and the Ray Train workers never load the teacher.
 """
 
