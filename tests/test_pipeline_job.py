@@ -16,7 +16,7 @@ from leaf_ray.config import PipelineConfig, load_config
 from leaf_ray.data import TrainingPair
 from leaf_ray.detection.store import read_training_set, store_parts
 from leaf_ray.distillation.variants import instruction_cuts, scored_part, variant_pairs, with_instruction_cuts
-from tests.conftest import EMBEDDED
+from tests.conftest import EMBEDDED, KV_CACHE_BYTES
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -100,8 +100,11 @@ def test_submitted_pipeline_writes_the_report_and_models(cluster, tmp_path):
                             "python", "jobs/pipeline.py", "--config", "configs/ci.yaml", "--run-dir", str(run)],
                            cwd=ROOT, env=cluster, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stdout[-4000:]
-    stages = json.loads((run / "report.json").read_text())["stages"]
-    assert all(stage["skipped"] for name, stage in stages.items() if name != "prepare"), stages
+    rerun = json.loads((run / "report.json").read_text())
+    assert all(stage["skipped"] for name, stage in rerun["stages"].items() if name != "prepare"), rerun["stages"]
+    # Every corpus row is done, so neither scoring pass started its model stage (loading both models).
+    for summary in (rerun["scoring"], rerun["scoring_response"]):
+        assert summary["this_run"]["skipped_as_done"] == 2000 and "model_stage" not in summary["this_run"]
 
 
 def test_leaf_ray_serve_attaches_to_a_running_cluster(cluster, tmp_path):
@@ -116,7 +119,7 @@ def test_leaf_ray_serve_attaches_to_a_running_cluster(cluster, tmp_path):
     config = tmp_path / "serve.yaml"
     config.write_text(yaml.safe_dump({"applications": [{"name": "attached", "args": {
         "model_id": "attached", "max_model_len": 256, "dtype": "float32", "focus": False,
-        "enforce_eager": True}}]}))  # no kernel compilation at start: what is tested is the attach
+        "enforce_eager": True, "kv_cache_memory_bytes": KV_CACHE_BYTES}}]}))  # fast start: the attach is tested
     env = {**cluster, "RAY_ADDRESS": "127.0.0.1:6390"}  # the cluster fixture's GCS
     log = tmp_path / "serve.log"
     with log.open("w") as out:

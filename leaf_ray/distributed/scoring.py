@@ -304,6 +304,9 @@ def run_scoring(config: PipelineConfig, response_pass: bool = False) -> dict[str
         before = totals(output)
 
         pending, count, skipped = rows_to_score(files, scoring, markers, output / RESUME_FOLDER)
+        if skipped == count:  # every row is done: no actor needs to load a model
+            shutil.rmtree(output / RESUME_FOLDER)
+            return write_summary(output, before, time.perf_counter() - started, 0, skipped)
         # A piece reads as one block and an actor pool hands out whole blocks, so a one-piece
         # corpus kept every actor but one idle. Blocks of about a batch's bytes fix that
         # (Dataset.repartition would, but its tasks take a whole CPU the actors hold).
