@@ -67,7 +67,9 @@ def serve_scaling_timeline(max_load_s: float = 240.0, max_idle_s: float = 120.0)
     from leaf_ray.serving.app import build_app
 
     serve.run(build_app({"model": str(EMBEDDED / "student"), "model_id": MODEL_ID, "dtype": "float32",
-                         "max_model_len": 256, "focus": False, "enforce_eager": True, **SERVE_SETTINGS}))
+                         "max_model_len": 256, "focus": False, "enforce_eager": True,
+                         "kv_cache_memory_bytes": 64 * 2**20,  # the tiny student's: 32k tokens, allocated at once
+                         **SERVE_SETTINGS}))
     body = {"model": MODEL_ID, "max_tokens": 64, "ignore_eos": True, "temperature": 0,
             "messages": [{"role": "user", "content": "ann has 3 . ann gets 4 more . how many does ann have ?"}]}
     in_flight, outcomes, lock = [0], [], threading.Lock()

@@ -157,6 +157,13 @@ class PruningConfig(StageConfig):
         return self
 
 
+# vLLM's own setting. On the CPU build the share of gpu_memory_utilization is of the machine's
+# memory: 0.2 of 24 GiB gave a tiny model a 4 GiB KV cache that took 20 s to allocate and warm.
+KV_CACHE_BYTES_HELP = ("vLLM's KV cache size in bytes; replaces gpu_memory_utilization when set (with "
+                       "enforce_eager, vLLM's CPU build also skips its warm-up pass). A cache that cannot "
+                       "hold one max_model_len request fails the engine's start.")
+
+
 class VerificationConfig(StageConfig):
     """Stage 1c (optional, as in the paper): generate answers with vLLM and keep the samples
     that teach something: the teacher right and the student wrong on the original, and
@@ -172,6 +179,7 @@ class VerificationConfig(StageConfig):
     max_model_len: int = Field(512, gt=0, description="vLLM context length.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="vLLM dtype (float32 on CPU).")
     gpu_memory_utilization: float = Field(0.2, gt=0, le=1, description="0.2 on the CPU build; ~0.9 on a GPU.")
+    kv_cache_memory_bytes: int | None = Field(None, gt=0, description=KV_CACHE_BYTES_HELP)
     batch_size: int = Field(64, gt=0, description="Rows per vLLM engine batch.")
     enforce_eager: bool = Field(False, description="vLLM without torch.compile or graph capture: a faster cold "
                                                    "start, slower steps.")
@@ -280,6 +288,7 @@ class ServingConfig(StageConfig):
                                                               "averaged over (Ray Serve's default).")
     gpu_memory_utilization: float = Field(0.2, gt=0, le=1,
         description="vLLM's memory share for the KV cache (0.2 on the CPU build).")
+    kv_cache_memory_bytes: int | None = Field(None, gt=0, description=KV_CACHE_BYTES_HELP)
     enforce_eager: bool = Field(False, description="vLLM without torch.compile or graph capture: a faster cold "
                                                    "start, slower steps.")
     resources: ResourcesConfig = Field(

@@ -67,3 +67,8 @@ def metaspace_model(metaspace_tokenizer):
 
 
 EMBEDDED = Path(__file__).resolve().parents[1] / "assets" / "embedded"
+
+# vLLM's KV cache for the tiny test models (thousands of tokens of theirs). Left to
+# gpu_memory_utilization, the CPU build sized it from the machine's memory: 4 GiB, and 20 s of
+# each engine's start went to allocating and warming it.
+KV_CACHE_BYTES = 64 * 2**20

@@ -28,6 +28,7 @@ from leaf_ray.detection.store import read_jsonl_parts, read_originals
 from leaf_ray.evaluation import greedy_generate
 from leaf_ray.models import load_model
 from tests import zoo
+from tests.conftest import KV_CACHE_BYTES
 
 FAMILIES = list(zoo.FAMILIES)
 
@@ -169,7 +170,7 @@ def test_family_through_the_pipeline_and_the_served_api(built, cluster, tmp_path
         evaluation=EvaluationConfig(data=[str(tmp_path / "test_answers.jsonl")], attention=False, samples=2),
         # enforce_eager: no kernel compilation at each family's cold start (answers, not speed, are tested)
         serving=ServingConfig(max_model_len=256, dtype="float32", teacher=str(teacher_dir), resources=one_cpu,
-                              focus_resources=one_cpu, enforce_eager=True))
+                              focus_resources=one_cpu, enforce_eager=True, kv_cache_memory_bytes=KV_CACHE_BYTES))
     try:
         report = run_pipeline(config)
 

@@ -18,7 +18,7 @@ from leaf_ray.config import ServingConfig
 from leaf_ray.models import load_model
 from leaf_ray.evaluation import greedy_generate
 from leaf_ray.serving.focus import FocusScorer
-from tests.conftest import EMBEDDED
+from tests.conftest import EMBEDDED, KV_CACHE_BYTES
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow,
               pytest.mark.skipif(not (EMBEDDED / "student").exists(), reason="embedded models not built")]
@@ -54,6 +54,7 @@ def server():
                              "max_model_len": MAX_MODEL_LEN, "api_key_env": KEY_ENV,
                              "teacher": str(EMBEDDED / "teacher"),
                              "focus_max_queued_requests": FOCUS_QUEUE,
+                             "kv_cache_memory_bytes": KV_CACHE_BYTES,
                              "enforce_eager": True}))  # no kernel compilation at start: answers are tested
         yield URL
     finally:
@@ -282,6 +283,23 @@ def test_focus_over_http_equals_the_in_process_scorer(server):
     chat = requests.post(f"{server}/v1/chat/completions", json=chat_body(max_tokens=16), headers=AUTH, timeout=60)
     assert reply.json()["response_source"] == "student"
     assert reply.json()["response"] == chat.json()["choices"][0]["message"]["content"]
+
+
+def test_the_engine_started_without_a_model_download_task(server):
+    """Ray Serve LLM's per-node download task does nothing for a local model but costs a worker
+    process; our callback skips it. None ran on this cluster, and a cloud-storage model keeps it."""
+    import asyncio
+
+    from ray.util.state import list_tasks
+
+    from leaf_ray.serving.app import llm_config_for
+
+    assert not list_tasks(filters=[("func_or_class_name", "=", "initialize_remote_node")])
+    for model, runs in (("assets/embedded/student", False), ("s3://bucket/student", True)):
+        llm_config = llm_config_for(ServingConfig(model=model))
+        callback = llm_config.callback_config.callback_class(llm_config=llm_config)
+        asyncio.run(callback.on_before_node_init())
+        assert callback.ctx.run_init_node is runs, model
 
 
 def test_health_is_503_with_a_fixed_message_while_the_engine_is_down(server):

@@ -11,7 +11,7 @@ from leaf_ray.config import PipelineConfig, ResourcesConfig, ScoringConfig, Veri
 from leaf_ray.data import Record, TrainingPair, write_jsonl
 from leaf_ray.detection.store import read_originals, read_training_set, training_set_parts
 from leaf_ray.detection.verification import generation_requests, select
-from tests.conftest import EMBEDDED
+from tests.conftest import EMBEDDED, KV_CACHE_BYTES
 
 PAIRS = [TrainingPair(Record("a", "qa", "1", "1"), [Record("a#cf0", "qa'", "1", "1"), Record("a#cf1", "qa''", "1", "1")]),
          TrainingPair(Record("b", "qb", "2", "2"), [Record("b#cf0", "qb'", "2", "2")]),
@@ -66,7 +66,7 @@ def test_vllm_answers_match_transformers_and_rules_apply(tmp_path):
                               resources=ResourcesConfig(num_cpus=1)),
         # enforce_eager: no kernel compilation at each engine's cold start (answers, not speed, are tested)
         verification=VerificationConfig(max_tokens=8, max_model_len=256, dtype="float32", batch_size=32,
-                                        enforce_eager=True))
+                                        enforce_eager=True, kv_cache_memory_bytes=KV_CACHE_BYTES))
     ray.init(num_cpus=4, include_dashboard=False)
     try:
         run_scoring(pipeline)

@@ -33,8 +33,8 @@ class TokenizePrompts:
 
 def generate(model_dir: str, prompts: ray.data.Dataset, *, keep: Sequence[str] = ("key",), max_tokens: int = 8,
              max_model_len: int = 512, dtype: str = "auto", gpu_memory_utilization: float = 0.2,
-             batch_size: int = 64, num_engines: int = 1, resources: ResourcesConfig | None = None,
-             enforce_eager: bool = False) -> ray.data.Dataset:
+             kv_cache_memory_bytes: int | None = None, batch_size: int = 64, num_engines: int = 1,
+             resources: ResourcesConfig | None = None, enforce_eager: bool = False) -> ray.data.Dataset:
     """Greedy continuations by the model at ``model_dir`` of each row of ``prompts`` (columns
     ``instruction`` and ``prefix``, the start of the response to continue from, often "").
     The result, lazy, has the ``keep`` columns of each row and its answer as ``text``."""
@@ -42,8 +42,9 @@ def generate(model_dir: str, prompts: ray.data.Dataset, *, keep: Sequence[str] =
     processor = build_processor(
         vLLMEngineProcessorConfig(
             model_source=model_dir,
-            engine_kwargs={"dtype": dtype, "max_model_len": max_model_len,
-                           "gpu_memory_utilization": gpu_memory_utilization, "enforce_eager": enforce_eager},
+            engine_kwargs={"dtype": dtype, "max_model_len": max_model_len, "enforce_eager": enforce_eager,
+                           "gpu_memory_utilization": gpu_memory_utilization,
+                           **({"kv_cache_memory_bytes": kv_cache_memory_bytes} if kv_cache_memory_bytes else {})},
             batch_size=batch_size,
             concurrency=num_engines,
             placement_group_config={"bundles": [resources.bundle()]},

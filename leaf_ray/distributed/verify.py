@@ -48,6 +48,7 @@ def run_verification(pipeline: PipelineConfig, response_pass: bool = False) -> d
     requests = parts_dataset(parts).flat_map(part_requests)
     engine = {"keep": ("key", "part"), "max_tokens": config.max_tokens, "max_model_len": config.max_model_len,
               "dtype": config.dtype, "gpu_memory_utilization": config.gpu_memory_utilization,
+              "kv_cache_memory_bytes": config.kv_cache_memory_bytes,
               "batch_size": config.batch_size, "num_engines": config.num_engines, "resources": config.resources,
               "enforce_eager": config.enforce_eager}
     generate(pipeline.student, requests, **engine).write_parquet(str(output / "generated" / "student"),

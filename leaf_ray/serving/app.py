@@ -49,7 +49,7 @@ from starlette.responses import JSONResponse
 from leaf_ray.config import ServingConfig
 from leaf_ray.serving.focus import FocusError, FocusScorer
 from leaf_ray.serving.guard import OpenAIError, RequestLimits, check_request, parse_body
-from leaf_ray.serving.ray_private import DEFAULT_ENDPOINTS, init, to_model_metadata
+from leaf_ray.serving.ray_private import DEFAULT_ENDPOINTS, CallbackBase, init, to_model_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -246,6 +246,15 @@ LEAF_ENDPOINTS = {
 }
 
 
+class NoNodeDownload(CallbackBase):
+    """Skips the task Ray Serve LLM runs on each node before an engine starts. That task copies a
+    model from cloud storage (an s3:// or gs:// model); for a local folder or a hub id (which vLLM
+    fetches itself) it does nothing, yet it starts a fresh worker process: 16 s of each start here."""
+
+    async def on_before_node_init(self) -> None:
+        self.ctx.run_init_node = False
+
+
 def llm_config_for(config: ServingConfig) -> LLMConfig:
     """The Ray Serve LLM config of the engine deployment."""
     on_gpu = config.resources.num_gpus > 0
@@ -258,9 +267,9 @@ def llm_config_for(config: ServingConfig) -> LLMConfig:
         model_loading_config={"model_id": config.model_id, "model_source": config.model},
         accelerator_config={"kind": "gpu" if on_gpu else "cpu"},
         placement_group_config={"bundle_per_worker": config.resources.bundle()},
-        engine_kwargs={"max_model_len": config.max_model_len, "dtype": config.dtype,
-                       "gpu_memory_utilization": config.gpu_memory_utilization,
-                       "enforce_eager": config.enforce_eager},
+        engine_kwargs=config.model_dump(include={"max_model_len", "dtype", "gpu_memory_utilization",
+                                                 "kv_cache_memory_bytes", "enforce_eager"}, exclude_none=True),
+        callback_config={"callback_class": CallbackBase if "://" in config.model else NoNodeDownload},
         deployment_config={"autoscaling_config": config.model_dump(include={
             "min_replicas", "max_replicas", "target_ongoing_requests", "upscale_delay_s", "downscale_delay_s",
             "look_back_period_s"})},
