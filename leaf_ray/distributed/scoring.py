@@ -34,7 +34,6 @@ from leaf_ray.detection.store import error_row, finished_markers, totals, write_
 from leaf_ray.distributed.capacity import READ_STAGE_CPUS, check_capacity
 from leaf_ray.distributed.resume import KEYS_PER_PARTITION, RESUME_FOLDER, SOURCE_SHIFT, is_done, write_done_positions
 from leaf_ray.files import claim_folder, folder_lock
-from leaf_ray.models import model_fingerprint
 
 
 def explode_chunk(chunk: dict[str, Any], columns: dict[str, Any]) -> Iterator[dict[str, Any]]:
@@ -147,7 +146,10 @@ class PrepareActor:
     def __init__(self, config: PipelineConfig):
         from leaf_ray.detection.scorer import RecordPreparer
 
-        self.preparer = RecordPreparer.from_paths(config.teacher, config.student, config.scoring)
+        try:  # a missing model folder fails here first, as often as in the model stage
+            self.preparer = RecordPreparer.from_paths(config.teacher, config.student, config.scoring)
+        except OSError as exc:
+            raise RuntimeError(_load_failure(config, exc)) from exc
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         prepared, errors = [], []
@@ -272,6 +274,7 @@ def scoring_fingerprint(config: PipelineConfig) -> dict[str, Any]:
     mask, the pruning rule and the code version. Not the corpus (new records are scored on a
     rerun), batch sizes or resources."""
     import leaf_ray
+    from leaf_ray.models import model_fingerprint  # imports torch: kept out of the read tasks that load this module
 
     settings = config.scoring.model_dump(include={"level", "method", "ig_steps", "max_length", "dtype",
                                                    "bf16_autocast", "units", "unit_pattern", "response_split", "num_segments",
