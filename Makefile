@@ -45,6 +45,7 @@ demo: cluster
 stop:
 	$(RAY_ENV) ray stop --force
 	sleep 2; pkill -u "$$(id -u)" -P 1 -f '^VLLM::' || true
+	sleep 2; pkill -9 -u "$$(id -u)" -P 1 -f '^VLLM::' || true  # one still starting ignores SIGTERM
 
 # RAY_ADDRESS=local: the tests start their own clusters even when `make demo` left one running.
 test: $(STAMP)
