@@ -1,6 +1,7 @@
 """The pipeline submitted as a real Ray job: `ray start --head`, then
 `ray job submit --working-dir . -- python jobs/pipeline.py --config configs/ci.yaml`, with the
-cluster's default token authentication left on."""
+cluster's default token authentication left on. The config's corpus and test file are cut to
+their first records (:func:`ci_config`): every stage runs as in CI, on less data."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from leaf_ray.config import PipelineConfig, load_config
 from leaf_ray.data import TrainingPair
 from leaf_ray.detection.store import read_training_set, store_parts
 from leaf_ray.distillation.variants import instruction_cuts, scored_part, variant_pairs, with_instruction_cuts
-from tests.conftest import EMBEDDED, KV_CACHE_BYTES
+from tests.conftest import EMBEDDED
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -26,9 +27,9 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow,
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    """The Makefile's cluster start, as `make demo` runs it, once for this module's tests (the
-    job, then `leaf-ray serve` attaching to the same cluster), on a fresh machine: HOME is an empty
-    folder (no ~/.ray, no token yet) and no cluster is running. Token authentication stays on:
+    """The Makefile's cluster start, as `make demo` runs it, on a fresh machine: HOME is an empty
+    folder (no ~/.ray, no token yet) and no cluster is running. (tests/test_serve.py attaches
+    `leaf-ray serve` to a cluster started so.) Token authentication stays on:
     the CLI sends the token from HOME/.ray/auth_token when RAY_AUTH_MODE=token (as the README says).
     Own ports, so that it never meets a cluster `make demo` left running."""
     home = tmp_path_factory.mktemp("fresh-home")
@@ -43,10 +44,34 @@ def cluster(tmp_path_factory):
     subprocess.run([BIN / "ray", "stop", "--force"], env=env, capture_output=True)
 
 
-def test_submitted_pipeline_writes_the_report_and_models(cluster, tmp_path):
+CORPUS_RECORDS, TEST_RECORDS = 500, 100
+
+
+@pytest.fixture(scope="module")
+def ci_config(tmp_path_factory) -> Path:
+    """configs/ci.yaml on the first CORPUS_RECORDS records of its corpus and the first
+    TEST_RECORDS of its test file (written beside it): the stages and their settings are CI's,
+    the data smaller, so that the suite stays short."""
+    import yaml
+
+    folder = tmp_path_factory.mktemp("ci-config")
+    config = yaml.safe_load((ROOT / "configs" / "ci.yaml").read_text())
+
+    def first(path: str, count: int) -> str:
+        cut = folder / Path(path).name
+        cut.write_text("".join((ROOT / path).read_text().splitlines(keepends=True)[:count]))
+        return str(cut)
+
+    config["scoring"]["corpus"] = first(config["scoring"]["corpus"], CORPUS_RECORDS)
+    config["evaluation"]["data"] = [first(config["evaluation"]["data"][0], TEST_RECORDS)]
+    (folder / "ci.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    return folder / "ci.yaml"
+
+
+def test_submitted_pipeline_writes_the_report_and_models(cluster, ci_config, tmp_path):
     run = tmp_path / "run"
     job = subprocess.run([BIN / "ray", "job", "submit", "--working-dir", ".", "--",
-                          "python", "jobs/pipeline.py", "--config", "configs/ci.yaml", "--run-dir", str(run)],
+                          "python", "jobs/pipeline.py", "--config", str(ci_config), "--run-dir", str(run)],
                          cwd=ROOT, env=cluster, capture_output=True, text=True, timeout=900)
     assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-4000:]
     assert "succeeded" in job.stdout + job.stderr
@@ -62,11 +87,11 @@ def test_submitted_pipeline_writes_the_report_and_models(cluster, tmp_path):
     assert len(report["samples"]) == 3
     assert {"prepare", "score", "score_response", "distill_kd", "distill_leaf", "distill_leaf_instr_resp",
             "distill_oracle_instr_resp", "evaluate"} <= set(report["stages"])
-    assert report["scoring"]["scored"] == report["scoring_response"]["scored"] == 2000
+    assert report["scoring"]["scored"] == report["scoring_response"]["scored"] == CORPUS_RECORDS
     # leaf_instr_resp trains on both levels' pairs; a response-level pair learns only after its prefix.
     pairs = read_training_set(run / "variants" / "leaf_instr_resp")
     levels = [p.level for p in pairs]
-    assert levels.count("instruction") == levels.count("response") == 2000
+    assert levels.count("instruction") == levels.count("response") == CORPUS_RECORDS
     response_pairs = [p for p in pairs if p.level == "response" and p.counterfactuals]
     assert response_pairs and all(p.original.target_start > 0 and c.target_start > 0
                                   for p in response_pairs for c in p.counterfactuals)
@@ -84,7 +109,7 @@ def test_submitted_pipeline_writes_the_report_and_models(cluster, tmp_path):
         assert "note :" not in c.instruction and "note :" not in c.response[:c.target_start]
         assert c.response[c.target_start:] == p.original.response[p.original.target_start:]  # the same target
     # Both sets equal the same pairs joined in one process over the whole stores (the reference).
-    config = load_config(ROOT / "configs" / "ci.yaml", PipelineConfig).model_copy(update={"run_dir": str(run)})
+    config = load_config(ci_config, PipelineConfig).model_copy(update={"run_dir": str(run)})
     for variant in ("leaf_instr_resp", "oracle_instr_resp"):
         assert read_training_set(run / "variants" / variant) == joined_in_one_process(config, variant)
     html = (run / "report.html").read_text()
@@ -97,56 +122,14 @@ def test_submitted_pipeline_writes_the_report_and_models(cluster, tmp_path):
 
     # A rerun resumes: every stage is complete, so each one is skipped.
     again = subprocess.run([BIN / "ray", "job", "submit", "--working-dir", ".", "--",
-                            "python", "jobs/pipeline.py", "--config", "configs/ci.yaml", "--run-dir", str(run)],
+                            "python", "jobs/pipeline.py", "--config", str(ci_config), "--run-dir", str(run)],
                            cwd=ROOT, env=cluster, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stdout[-4000:]
     rerun = json.loads((run / "report.json").read_text())
     assert all(stage["skipped"] for name, stage in rerun["stages"].items() if name != "prepare"), rerun["stages"]
     # Every corpus row is done, so neither scoring pass started its model stage (loading both models).
     for summary in (rerun["scoring"], rerun["scoring_response"]):
-        assert summary["this_run"]["skipped_as_done"] == 2000 and "model_stage" not in summary["this_run"]
-
-
-def test_leaf_ray_serve_attaches_to_a_running_cluster(cluster, tmp_path):
-    """`leaf-ray serve` with RAY_ADDRESS set (after `make cluster`) joins that cluster instead of
-    starting its own; it used to fail at start, passing num_cpus to ray.init of a running cluster."""
-    import signal
-    import time
-
-    import requests
-    import yaml
-
-    config = tmp_path / "serve.yaml"
-    config.write_text(yaml.safe_dump({"applications": [{"name": "attached", "args": {
-        "model_id": "attached", "max_model_len": 256, "dtype": "float32", "focus": False,
-        "enforce_eager": True, "kv_cache_memory_bytes": KV_CACHE_BYTES}}]}))  # fast start: the attach is tested
-    env = {**cluster, "RAY_ADDRESS": "127.0.0.1:6390"}  # the cluster fixture's GCS
-    log = tmp_path / "serve.log"
-    with log.open("w") as out:
-        server = subprocess.Popen([BIN / "leaf-ray", "serve", "--model", str(EMBEDDED / "student"),
-                                   "--config", str(config), "--port", "8123"], cwd=ROOT, env=env,
-                                  stdout=out, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 400
-        while time.monotonic() < deadline and server.poll() is None:
-            try:
-                if requests.get("http://127.0.0.1:8123/health", timeout=15).status_code == 200:
-                    break
-            except requests.RequestException:  # not listening yet, or /health waiting on a starting engine
-                pass
-            time.sleep(3)
-        assert server.poll() is None, log.read_text()[-3000:]
-        reply = requests.post("http://127.0.0.1:8123/v1/chat/completions", timeout=60, json={
-            "model": "attached", "max_tokens": 4, "messages": [{"role": "user", "content": "ann has 3 ."}]})
-        assert reply.status_code == 200, reply.text
-        # The application runs on the cluster: the cluster's own Serve reports it.
-        status = subprocess.run([BIN / "serve", "status", "--address", cluster["RAY_ADDRESS"]], env=cluster,
-                                capture_output=True, text=True, timeout=60)
-        assert "attached" in status.stdout and "RUNNING" in status.stdout, status.stdout + status.stderr
-        assert "Started a local Ray instance" not in log.read_text()
-    finally:
-        server.send_signal(signal.SIGINT)
-        server.wait(timeout=120)
+        assert summary["this_run"]["skipped_as_done"] == CORPUS_RECORDS and "model_stage" not in summary["this_run"]
 
 
 def joined_in_one_process(config: PipelineConfig, variant: str) -> list[TrainingPair]:
