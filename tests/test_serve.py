@@ -68,10 +68,11 @@ def server(tmp_path_factory):
         "kv_cache_memory_bytes": KV_CACHE_BYTES,
         "enforce_eager": True}}]}))  # no kernel compilation at start: answers are tested
     log = config.with_name("serve.log")
+    attached = {**env, "RAY_ADDRESS": f"127.0.0.1:{GCS_PORT}"}
     with log.open("w") as out:
         process = subprocess.Popen([bin_dir / "leaf-ray", "serve", "--model", str(EMBEDDED / "student"),
                                     "--config", str(config), "--port", "8000"], cwd=REPO, stdout=out,
-                                   stderr=subprocess.STDOUT, env={**env, "RAY_ADDRESS": f"127.0.0.1:{GCS_PORT}"})
+                                   stderr=subprocess.STDOUT, env=attached)
     try:
         deadline = time.monotonic() + 400
         while time.monotonic() < deadline and process.poll() is None:
@@ -82,7 +83,7 @@ def server(tmp_path_factory):
                 pass
             time.sleep(3)
         assert process.poll() is None, log.read_text()[-3000:]
-        yield {"url": URL, "log": log, "env": {**env, "RAY_ADDRESS": f"127.0.0.1:{GCS_PORT}"}}
+        yield {"url": URL, "log": log, "env": attached}
     finally:
         # Ctrl-C: Serve stops its replicas, also the engine replica it restarts after the last
         # test killed one (`ray stop` alone raced that restart and left its engine running).
