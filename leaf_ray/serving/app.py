@@ -47,7 +47,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from leaf_ray.config import ServingConfig
-from leaf_ray.serving.focus import FocusError, FocusScorer
+from leaf_ray.serving.focus import FocusError
+from leaf_ray.serving.focus_deployment import FocusDeployment
 from leaf_ray.serving.guard import OpenAIError, RequestLimits, check_request, parse_body
 from leaf_ray.serving.ray_private import DEFAULT_ENDPOINTS, CallbackBase, init, to_model_metadata
 
@@ -180,22 +181,6 @@ class FocusRequest(BaseModel):
     prompt: str = Field(..., min_length=1, description="The user message to explain.")
     response: str | None = Field(None, description="Answer whose loss is differentiated; the student's own "
                                                    "greedy answer when omitted.")
-
-
-@serve.deployment(max_ongoing_requests=4)
-class FocusDeployment:
-    """Holds a transformers copy of the student (and the teacher, if any) for /v1/focus.
-
-    Its queue is bounded per caller (``max_queued_requests``, set in :func:`build_app`): past
-    the bound, /v1/focus answers 503 with Retry-After instead of queueing without end."""
-
-    def __init__(self, config: ServingConfig):
-        dtype = "float32" if config.dtype == "auto" else config.dtype
-        self.scorer = FocusScorer.from_paths(config.model, config.teacher, dtype=dtype, method=config.method,
-                                             pruning=config.pruning, max_length=config.max_model_len)
-
-    def explain(self, prompt: str, response: str | None) -> dict:
-        return self.scorer.explain(prompt, response)
 
 
 class LeafIngress(OpenAiIngress):

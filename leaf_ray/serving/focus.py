@@ -9,7 +9,8 @@ corpus scorer's own detector (:func:`leaf_ray.detection.scorer.detect`, with the
 the confounder mask and the spans pruning would cut come back too, so a user sees which words
 the student leans on that the teacher ignores.
 
-Plain PyTorch; the Serve deployment in :mod:`leaf_ray.serving.app` only hands it requests.
+Plain PyTorch; the Serve deployment in :mod:`leaf_ray.serving.focus_deployment` only hands it
+requests.
 """
 
 from __future__ import annotations
