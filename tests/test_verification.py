@@ -80,6 +80,7 @@ def test_vllm_answers_match_transformers_and_rules_apply(tmp_path):
     originals = read_originals(pipeline.layout.score)
     assert len(originals) == 24
     assert summary["parts"] == len(training_set_parts(pipeline.layout.score)) >= 2
+    assert summary["engines_side_by_side"]  # 4 CPUs hold both engines and their tokenizers
     assert sorted(answers) == sorted(request["key"] for request in generation_requests(read_training_set(pipeline.layout.score)))
     student, tokenizer = load_model(EMBEDDED / "student")
     teacher, _ = load_model(EMBEDDED / "teacher")

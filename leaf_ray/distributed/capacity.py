@@ -41,6 +41,13 @@ def check_capacity(bundle: dict[str, float], count: int, fields: str, extra: dic
                          f"(nodes: {shapes}). Ask for less per actor or fewer of them, or add nodes.")
 
 
+def fits_at_once(bundle: dict[str, float], count: int, extra: dict[str, float]) -> bool:
+    """Whether ``count`` bundles plus ``extra`` fit on the cluster together (counting the nodes an
+    autoscaler can add); False when an autoscaler runs whose node groups are unknown."""
+    nodes, _ = node_shapes()
+    return nodes is not None and fits(bundle, count, extra, nodes)
+
+
 def fits(bundle: dict[str, float], count: int, extra: dict[str, float],
          nodes: list[tuple[dict[str, float], float]]) -> bool:
     """Whether ``count`` bundles and one ``extra`` bundle can be placed on ``nodes`` ((resources,

@@ -18,6 +18,9 @@ from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 from leaf_ray.config import ResourcesConfig
 from leaf_ray.data import prompt_token_ids
 
+# The tokenizer actor in front of the engines: light, one per generation.
+TOKENIZER_CPUS = 0.5
+
 
 class TokenizePrompts:
     """Ray Data stage: a row's ``instruction`` and response ``prefix`` as the prompt's token ids."""
@@ -55,7 +58,7 @@ def generate(model_dir: str, prompts: ray.data.Dataset, *, keep: Sequence[str] =
         preprocess=lambda row: {**row, "sampling_params": {"temperature": 0.0, "max_tokens": max_tokens}},
         postprocess=lambda row: {**{column: row[column] for column in keep}, "text": row["generated_text"]},
     )
-    tokenized = prompts.map(TokenizePrompts, fn_constructor_args=(model_dir,), concurrency=1, num_cpus=0.5)
+    tokenized = prompts.map(TokenizePrompts, fn_constructor_args=(model_dir,), concurrency=1, num_cpus=TOKENIZER_CPUS)
     return processor(tokenized)
 
 

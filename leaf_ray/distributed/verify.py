@@ -16,12 +16,14 @@ import json
 import shutil
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from leaf_ray.config import PipelineConfig
 from leaf_ray.detection.store import clear_training_set, read_part_pairs, training_set_parts
 from leaf_ray.detection.verification import generation_requests, selection_summary, verify_part
-from leaf_ray.distributed.generate import generate
+from leaf_ray.distributed.capacity import fits_at_once
+from leaf_ray.distributed.generate import TOKENIZER_CPUS, generate
 from leaf_ray.distributed.store_passes import over_parts, parts_dataset
 from leaf_ray.files import write_text_atomically
 
@@ -51,17 +53,25 @@ def run_verification(pipeline: PipelineConfig, response_pass: bool = False) -> d
               "kv_cache_memory_bytes": config.kv_cache_memory_bytes,
               "batch_size": config.batch_size, "num_engines": config.num_engines, "resources": config.resources,
               "enforce_eager": config.enforce_eager}
-    generate(pipeline.student, requests, **engine).write_parquet(str(output / "generated" / "student"),
-                                                                 partition_cols=["part"])
+    runs = {"student": (pipeline.student, requests)}
     if config.keep_originals != "all":  # the other rules ask whether the teacher answers the original right
-        originals = requests.filter(lambda row: row["kind"] == "original")
-        generate(pipeline.teacher, originals, **engine).write_parquet(str(output / "generated" / "teacher"),
-                                                                      partition_cols=["part"])
+        runs["teacher"] = (pipeline.teacher, requests.filter(lambda row: row["kind"] == "original"))
+
+    def answer(name: str) -> None:
+        model, prompts = runs[name]
+        generate(model, prompts, **engine).write_parquet(str(output / "generated" / name), partition_cols=["part"])
+
+    # Both models' engines start and answer side by side when the cluster holds them at once
+    # (with their tokenizer actors); otherwise one after the other, as a single GPU requires.
+    side_by_side = fits_at_once(config.resources.bundle(), len(runs) * config.num_engines,
+                                {"CPU": len(runs) * TOKENIZER_CPUS})
+    with ThreadPoolExecutor(len(runs) if side_by_side else 1) as pool:
+        list(pool.map(answer, runs))
     counts = over_parts(parts, lambda part: verify_part(source, part, output / "generated", output, config))
     totals = Counter()
     for part_counts in counts:
         totals.update(part_counts)  # update, not +: a count of 0 stays (0 of the teacher's right is a figure)
-    summary = {**selection_summary(totals, config), "parts": len(parts),
+    summary = {**selection_summary(totals, config), "parts": len(parts), "engines_side_by_side": side_by_side,
                "wall_s": round(time.perf_counter() - started, 2)}
     write_text_atomically(output / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
