@@ -199,8 +199,8 @@ def test_family_through_the_pipeline_and_the_served_api(built, cluster, tmp_path
         chat = requests.post(f"{url}/v1/chat/completions", timeout=120, json={
             "model": config.serving.model_id, "max_tokens": 4, "messages": [{"role": "user", "content": prompt}]})
         assert chat.status_code == 200 and isinstance(chat.json()["choices"][0]["message"]["content"], str)
-    finally:
-        serve.shutdown()
+    finally:  # the app goes, Serve's controller and proxy stay for the next family
+        serve.delete(config.name)
     assert json.loads((config.layout.distill("leaf") / "export.json").read_text())["metrics"]["step"] == 4
     assert torch.isfinite(torch.tensor(report["accuracy"]["leaf"]["test_answers"]))
 
