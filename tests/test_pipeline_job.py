@@ -44,7 +44,7 @@ def cluster(tmp_path_factory):
     subprocess.run([BIN / "ray", "stop", "--force"], env=env, capture_output=True)
 
 
-CORPUS_RECORDS, TEST_RECORDS = 500, 100
+CORPUS_RECORDS, TEST_RECORDS = 300, 50
 
 
 @pytest.fixture(scope="module")
