@@ -32,7 +32,8 @@ from leaf_ray.corpus import canonical_row, check_corpus, corpus_chunks, newlines
 from leaf_ray.data import RecordError, parse_record
 from leaf_ray.detection.store import error_row, finished_markers, totals, write_part, write_summary
 from leaf_ray.distributed.capacity import READ_STAGE_CPUS, check_capacity
-from leaf_ray.distributed.resume import KEYS_PER_PARTITION, RESUME_FOLDER, SOURCE_SHIFT, is_done, write_done_positions
+from leaf_ray.distributed.resume import (KEYS_PER_PARTITION, RESUME_FOLDER, SOURCE_SHIFT, is_done,
+                                        with_small_shuffle_tasks, write_done_positions)
 from leaf_ray.files import claim_folder, folder_lock
 
 
@@ -123,7 +124,7 @@ def rows_to_score(files: list[str], scoring: ScoringConfig, markers: list[Path],
     count_newlines = ray.remote(num_cpus=READ_STAGE_CPUS)(newlines_in)
     chunks = corpus_chunks([Path(f) for f in files], scoring.read_chunk_bytes,
                            lambda ranges: ray.get([count_newlines.remote(*r) for r in ranges]))
-    rows = ray.data.from_items(chunks, override_num_blocks=len(chunks)).flat_map(
+    rows = with_small_shuffle_tasks(ray.data.from_items(chunks, override_num_blocks=len(chunks))).flat_map(
         explode_chunk, fn_kwargs={"columns": scoring.columns.model_dump(exclude_unset=True)},
         num_cpus=READ_STAGE_CPUS)
     count = rows.count()

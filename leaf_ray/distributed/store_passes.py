@@ -32,6 +32,7 @@ from leaf_ray.detection.store import (
     write_training_part,
 )
 from leaf_ray.distillation.variants import VARIANTS, part_instruction_cuts, part_pairs, with_instruction_cuts
+from leaf_ray.distributed.resume import with_small_shuffle_tasks
 from leaf_ray.evaluation import grade_store_part, sum_detection_counts
 from leaf_ray.files import write_text_atomically
 
@@ -114,7 +115,7 @@ def write_response_level_set(layout: RunLayout, verified: bool, folder: Path, va
 
     def rows_of(parts: list[str], rows: Callable[[str], list[dict[str, str]]]) -> ray.data.Dataset:
         """The rows of every part, in blocks that keep the join's schema even when empty."""
-        return parts_dataset(parts).map_batches(lambda batch: pa.Table.from_pylist(
+        return with_small_shuffle_tasks(parts_dataset(parts)).map_batches(lambda batch: pa.Table.from_pylist(
             [row for part in batch.column("part").to_pylist() for row in rows(part)], schema=JOIN_SCHEMA),
             batch_format="pyarrow", batch_size=1)
 
